@@ -1,0 +1,6 @@
+"""Image methods: MAE and SimMIM; image datasets."""
+
+from mmmae.image.mae import MAE, MAECfg
+from mmmae.image.simmim import SimMIM, SimMIMCfg
+
+__all__ = ["MAE", "MAECfg", "SimMIM", "SimMIMCfg"]

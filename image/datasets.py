@@ -1,0 +1,132 @@
+"""Image sources: an ImageFolder-style directory, Fashion-MNIST idx files, and synthetic images."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageFolder(Dataset):
+    """``root/class_x/xxx.jpg`` (labels from sorted class folders) or a flat folder of images
+    (label -1, for pretraining). Unreadable images are skipped with a warning and counted in the
+    sample's ``skipped`` field; another image is drawn deterministically."""
+
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], torch.Tensor],
+                 max_bad_fraction: float = 0.1) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root} (data.root)")
+        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = classes
+        if classes:
+            self.items = [(p, i) for i, c in enumerate(classes) for p in sorted((self.root / c).rglob("*"))
+                          if p.suffix.lower() in IMG_EXTENSIONS]
+        else:
+            self.items = [(p, -1) for p in sorted(self.root.iterdir()) if p.suffix.lower() in IMG_EXTENSIONS]
+        if not self.items:
+            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {self.root}")
+        self.transform = transform
+        self.max_bad_fraction = max_bad_fraction
+        self.attempts = 0
+        self.bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _check_bad_share(self) -> None:
+        if len(self.bad) == len(self.items) or (
+                self.attempts >= 20 and len(self.bad) / self.attempts > self.max_bad_fraction):
+            raise RuntimeError(f"{len(self.bad)} unreadable images (over data.max_bad_fraction="
+                               f"{self.max_bad_fraction}): {sorted(self.bad)[:10]}")
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = 0
+        i = index
+        while True:
+            path, label = self.items[i]
+            self.attempts += 1
+            try:
+                with Image.open(path) as im:
+                    img = im.convert("RGB")
+                return {"image": self.transform(img), "label": label, "index": index, "skipped": skipped}
+            except (OSError, ValueError) as e:
+                log.warning("skipping unreadable image %s: %s", path, e)
+                self.bad.add(str(path))
+                skipped += 1
+                self._check_bad_share()
+                i = (i * 1_000_003 + 7 + skipped) % len(self.items)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMNIST(Dataset):
+    """The Fashion-MNIST idx files (Debian's ``dataset-fashion-mnist`` puts them in
+    /usr/share/datasets/fashion-mnist). Images are 28x28 grey; they go through ``transform`` as RGB
+    PIL images so the same image recipes apply."""
+
+    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+
+    def __init__(self, root: str | Path = "/usr/share/datasets/fashion-mnist", split: str = "train",
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None, limit: int = 0) -> None:
+        root = Path(root)
+        prefix = {"train": "train", "test": "t10k", "val": "t10k"}.get(split)
+        if prefix is None:
+            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        img_path = next((root / f"{prefix}-images-idx3-ubyte{s}" for s in (".gz", "")
+                         if (root / f"{prefix}-images-idx3-ubyte{s}").exists()), None)
+        lbl_path = next((root / f"{prefix}-labels-idx1-ubyte{s}" for s in (".gz", "")
+                         if (root / f"{prefix}-labels-idx1-ubyte{s}").exists()), None)
+        if img_path is None or lbl_path is None:
+            raise FileNotFoundError(f"Fashion-MNIST {split} idx files not found under {root} (data.root); "
+                                    "on Debian: apt-get install dataset-fashion-mnist")
+        self.images = _read_idx(img_path)
+        self.labels = _read_idx(lbl_path)
+        if limit:
+            self.images, self.labels = self.images[:limit], self.labels[:limit]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        img = Image.fromarray(self.images[index]).convert("RGB")
+        x = self.transform(img) if self.transform else torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255
+        return {"image": x, "label": int(self.labels[index]), "index": index}
+
+
+class SyntheticImages(Dataset):
+    """Deterministic smooth random images (low-frequency noise) for unit tests and benchmarks."""
+
+    def __init__(self, length: int = 64, img_size: int = 32, num_classes: int = 10, seed: int = 0) -> None:
+        self.length, self.img_size, self.num_classes, self.seed = length, img_size, num_classes, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        coarse = torch.randn(1, 3, max(self.img_size // 8, 1), max(self.img_size // 8, 1), generator=g)
+        img = torch.nn.functional.interpolate(coarse, size=self.img_size, mode="bilinear", align_corners=False)[0]
+        return {"image": img, "label": index % self.num_classes, "index": index}

@@ -1,0 +1,1 @@
+"""Data pipeline pieces shared by every modality: transforms, collate (masks are made here), samplers."""

@@ -1,0 +1,66 @@
+"""Batch assembly: stack samples and make the batch's masks (masks are made here, not in the model)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import default_collate
+
+from mmmae.registry import MaskFn
+
+COUNTER_KEYS = {"skipped": "skipped_videos"}
+
+
+def flatten_samples(samples: Sequence[Any]) -> list[dict[str, Any]]:
+    """Datasets with repeated sampling return a list of views per item; flatten them into one batch."""
+    flat: list[dict[str, Any]] = []
+    for s in samples:
+        flat.extend(s if isinstance(s, (list, tuple)) else [s])
+    return flat
+
+
+def collate_dicts(samples: Sequence[Any], counter_name: str = "skipped_videos") -> dict[str, Any]:
+    """Stack dict samples; the per-sample ``skipped`` count becomes one integer ``counter_name``;
+    strings stay lists."""
+    flat = flatten_samples(samples)
+    skipped = sum(int(s.get("skipped", 0)) for s in flat)
+    keys = [k for k in flat[0] if k != "skipped"]
+    batch: dict[str, Any] = {}
+    for k in keys:
+        vals = [s[k] for s in flat]
+        batch[k] = vals if isinstance(vals[0], (str, type(None))) else default_collate(vals)
+    batch[counter_name] = skipped
+    return batch
+
+
+def _seed_of(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MaskCollator:
+    """Collate, then add the method's masks drawn from a generator seeded by (seed, epoch, sample
+    indices): reproducible for a given data order, so a resumed run sees the same masks, and safe in
+    DataLoader worker processes (no shared generator state)."""
+
+    def __init__(self, mask_fn: MaskFn | None, seed: int = 0,
+                 collate: Callable[[Sequence[Any]], dict[str, Any]] = collate_dicts) -> None:
+        self.mask_fn = mask_fn
+        self.seed = seed
+        self.epoch = 0
+        self.collate = collate
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        batch = self.collate(samples)
+        if self.mask_fn is not None:
+            index = batch.get("index")
+            key = index.tolist() if torch.is_tensor(index) else None
+            g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, key))
+            size = len(next(v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0))
+            batch.update(self.mask_fn(size, g))
+        return batch

@@ -1,0 +1,204 @@
+"""MaskedEncoder: the one ViT trunk every method shares, and the vision encoder built on it.
+
+The trunk knows nothing about pixels or text: a tokenizer turns its modality into tokens (B, L, D)
+and a position table (1, L, D); the trunk adds the table, hides tokens one of two ways, runs the
+blocks and the final norm.
+
+- ``ids_keep`` drops hidden tokens before the blocks (MAE, VideoMAE, OmniMAE, M3AE): the encoder
+  never sees them, which is what makes MAE cheap.
+- ``mask`` swaps hidden tokens for a learned mask token *before* the position table is added, so
+  the mask token knows where it is (SimMIM, BEiT/BEVT).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmmae.layers import Block, PatchEmbed2d, TubeletEmbed3d, key_padding_bias
+from mmmae.layers.attention import AttnImpl, QkvBias
+from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d, sincos_pos_embed_3d
+from mmmae.masking import check_mask, gather_tokens
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class MaskedEncoder(nn.Module):
+    """Transformer trunk with an optional [cls] token and an optional mask token.
+
+    Shapes: tokens (B, L, D); pos (1 or B, L, D); ids_keep (B, K); mask (B, L) bool, True = hidden;
+    key_pad (B, L) bool, True = padding (ignored as attention keys). Output (B, [1+]K or [1+]L, D).
+    """
+
+    def __init__(self, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, *,
+                 qkv_bias: QkvBias = "qkv", drop_path_rate: float = 0.0, init_values: float | None = None,
+                 cls_token: bool = True, mask_token: bool = False, final_norm: bool = True,
+                 attn_impl: AttnImpl = "auto", norm_layer: Callable[[int], nn.Module] | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6, **factory))
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = 1 if cls_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory)) if cls_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory)) if mask_token else None
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                  init_values=init_values, attn_impl=attn_impl, norm_layer=norm_layer, **factory)
+            for i in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
+        self.grad_checkpointing = False
+
+    def init_weights(self) -> None:
+        init_vit_weights(self)
+        for p in (self.cls_token, self.mask_token):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+        for blk in self.blocks:
+            for ls in (blk.ls1, blk.ls2):
+                if hasattr(ls, "gamma"):
+                    nn.init.constant_(ls.gamma, ls.init_values)
+            if blk.attn.q_bias is not None:
+                nn.init.zeros_(blk.attn.q_bias)
+                nn.init.zeros_(blk.attn.v_bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name in ("cls_token", "mask_token") if getattr(self, name) is not None}
+
+    def prepare_tokens(self, tokens: torch.Tensor, *, pos: torch.Tensor | None = None,
+                       ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       key_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hide, position and prefix tokens; returns (x (B, [1+]N, D), key_pad aligned with x or None)."""
+        if ids_keep is not None and mask is not None:
+            raise ValueError("pass either ids_keep (drop hidden tokens) or mask (replace them), not both")
+        b, n, d = tokens.shape
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this encoder was built without a mask token (mask_token=False); "
+                                 "pass ids_keep to drop hidden tokens instead")
+            check_mask(mask, n)
+            w = mask.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+        if pos is not None:
+            tokens = tokens + pos.to(tokens.dtype)
+        if ids_keep is not None:
+            if ids_keep.shape[0] != b or ids_keep.ndim != 2:
+                raise ValueError(f"ids_keep must be (B={b}, K), got {tuple(ids_keep.shape)}")
+            tokens = gather_tokens(tokens, ids_keep)
+            if key_pad is not None:
+                key_pad = torch.gather(key_pad, 1, ids_keep)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
+            if key_pad is not None:
+                key_pad = torch.cat([key_pad.new_zeros(b, 1), key_pad], dim=1)
+        return tokens, key_pad
+
+    def iter_blocks(self, x: torch.Tensor, key_pad: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Run the blocks, yielding each block's output (B, N, D) (before the final norm)."""
+        bias = key_padding_bias(key_pad, x.dtype) if key_pad is not None and bool(key_pad.any()) else None
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, bias, use_reentrant=False)
+            else:
+                x = blk(x, bias)
+            yield x
+
+    def forward(self, tokens: torch.Tensor, *, pos: torch.Tensor | None = None,
+                ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                key_pad: torch.Tensor | None = None) -> torch.Tensor:
+        x, key_pad = self.prepare_tokens(tokens, pos=pos, ids_keep=ids_keep, mask=mask, key_pad=key_pad)
+        for x in self.iter_blocks(x, key_pad):
+            pass
+        return self.norm(x)
+
+
+class VisionEncoder(MaskedEncoder):
+    """A trunk with a pixel tokenizer: 2-D patches for images, 3-D tubelets for videos.
+
+    Exposes timm's interface (``forward_features``, ``forward_intermediates``, ``no_weight_decay``,
+    ``set_grad_checkpointing``, ``num_features``) so heads and downstream tools treat every vision
+    encoder alike. Position tables are fixed sin-cos buffers: ``pos_embed="sincos"`` (2-D for images,
+    3-D separable for videos) or ``"sincos_1d"`` (VideoMAE's table over the flattened t*h*w tokens).
+    An image given to a video encoder is repeated over ``tubelet_size`` frames (OmniMAE).
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, *,
+                 num_frames: int | None = None, tubelet_size: int = 2, pos_embed: str = "sincos",
+                 **trunk_kwargs) -> None:
+        factory = {k: trunk_kwargs[k] for k in ("device", "dtype") if k in trunk_kwargs}
+        super().__init__(embed_dim, depth, num_heads, mlp_ratio, **trunk_kwargs)
+        self.is_video = num_frames is not None
+        if self.is_video:
+            self.patch_embed = TubeletEmbed3d(img_size, patch_size, num_frames, tubelet_size, in_chans,
+                                              embed_dim, **factory)
+        else:
+            self.patch_embed = PatchEmbed2d(img_size, patch_size, in_chans, embed_dim, **factory)
+        self.grid_size = self.patch_embed.grid_size
+        self.num_patches = self.patch_embed.num_patches
+        if pos_embed == "sincos":
+            table = (sincos_pos_embed_3d if self.is_video else sincos_pos_embed_2d)(embed_dim, self.grid_size)
+        elif pos_embed == "sincos_1d":
+            table = sincos_pos_embed_1d(embed_dim, self.num_patches)
+        else:
+            raise ValueError(f"pos_embed must be 'sincos' or 'sincos_1d', got {pos_embed!r}")
+        self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.patch_embed.init_weights()
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels -> tokens (B, L, D), without position. Images into a video encoder become static clips."""
+        if self.is_video and x.ndim == 4:
+            x = x.unsqueeze(2).expand(-1, -1, self.patch_embed.num_frames, -1, -1)
+        return self.patch_embed(x)
+
+    def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels (B, C, H, W) or (B, C, T, H, W) -> normed tokens (B, [1+]K or [1+]L, D)."""
+        return super().forward(self.tokenize(x), pos=self.pos_embed, ids_keep=ids_keep, mask=mask)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, *,
+                              norm: bool = False, output_fmt: str = "NLC",
+                              intermediates_only: bool = False) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm-style intermediate features: the outputs of the last ``indices`` blocks (an int) or of
+        the listed blocks, prefix tokens removed, as (B, L, D) (``NLC``) or (B, D, *grid) (``NCHW``)."""
+        depth = len(self.blocks)
+        take = list(range(depth - indices, depth)) if isinstance(indices, int) else \
+            list(range(depth)) if indices is None else [i % depth for i in indices]
+        x, _ = self.prepare_tokens(self.tokenize(x), pos=self.pos_embed)
+        feats = []
+        for i, x in enumerate(self.iter_blocks(x)):
+            if i in take:
+                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
+                if output_fmt == "NCHW":
+                    y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], *self.grid_size)
+                feats.append(y)
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+    def forward(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(x, ids_keep=ids_keep, mask=mask)

@@ -1,0 +1,162 @@
+"""Heads on top of an encoder's features, and the classification model used for fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmmae.encoder import VisionEncoder
+from mmmae.registry import register_model
+
+
+@dataclass
+class EncoderCfg:
+    """Fields every vision method shares (timm names)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    qkv_bias: str = "qkv"
+    init_values: float = 0.0  # layer scale; 0 disables
+    attn_impl: str = "auto"
+    # 0 = image encoder (2-D patches); >0 = video encoder over this many frames (3-D tubelets).
+    num_frames: int = 0
+    tubelet_size: int = 2
+    pos_embed: str = "sincos"
+    cls_token: bool = True
+
+
+def build_vision_encoder(cfg: EncoderCfg, **extra) -> VisionEncoder:
+    return VisionEncoder(
+        cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+        num_frames=cfg.num_frames or None, tubelet_size=cfg.tubelet_size, pos_embed=cfg.pos_embed,
+        qkv_bias=cfg.qkv_bias, drop_path_rate=cfg.drop_path_rate, init_values=cfg.init_values or None,
+        cls_token=cfg.cls_token, attn_impl=cfg.attn_impl, **extra)
+
+
+def pool_tokens(x: torch.Tensor, num_prefix_tokens: int, global_pool: str) -> torch.Tensor:
+    """(B, P+L, D) -> (B, D): mean over patch tokens (``avg``) or the [cls] token (``token``)."""
+    if global_pool == "avg":
+        return x[:, num_prefix_tokens:].mean(dim=1)
+    if global_pool == "token":
+        if num_prefix_tokens == 0:
+            raise ValueError("global_pool='token' needs an encoder with a [cls] token")
+        return x[:, 0]
+    raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+
+
+class LinearProbeHead(nn.Module):
+    """MAE's linear-probe protocol: BatchNorm without affine parameters, then a linear layer."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(in_dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+class ProjectionHead(nn.Module):
+    """Linear (or 2-layer MLP) projection into a joint embedding space, e.g. for retrieval."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim)) \
+            if hidden_dim else nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class ClassifierCfg(EncoderCfg):
+    num_classes: int = 1000
+    global_pool: str = "avg"  # MAE / VideoMAE fine-tuning: mean-pool patch tokens, then fc_norm
+    head_init_scale: float = 0.001  # VideoMAE scales the head's init down
+    head_drop: float = 0.0
+    label_smoothing: float = 0.0
+    linear_probe: bool = False  # freeze the encoder, BatchNorm + linear head (MAE's protocol)
+
+
+class Classifier(nn.Module):
+    """Pretrained vision encoder + pooled head. Keys under ``encoder.`` match the pretraining models,
+    so a pretraining state dict loads with only the head (and fc_norm) missing.
+
+    ``forward(batch)`` takes ``batch["image"]`` or ``batch["video"]`` and optional ``batch["label"]``
+    (class indices (B,) or soft targets (B, num_classes), as mixup makes) and returns ``logits`` and,
+    given labels, ``loss``.
+    """
+
+    def __init__(self, cfg: ClassifierCfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_vision_encoder(cfg, final_norm=cfg.global_pool == "token")
+        d = cfg.embed_dim
+        if cfg.linear_probe:
+            self.encoder.requires_grad_(False)
+            self.fc_norm = nn.Identity()
+            self.head = LinearProbeHead(d, cfg.num_classes)
+        else:
+            self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.global_pool == "avg" else nn.Identity()
+            self.head = nn.Linear(d, cfg.num_classes)
+        self.head_drop = nn.Dropout(cfg.head_drop)
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            self.head.weight.data.mul_(self.cfg.head_init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels -> pooled, normed features (B, D)."""
+        if self.cfg.linear_probe:
+            self.encoder.eval()  # frozen: no drop path, and the encoder's statistics stay put
+        feats = self.encoder.forward_features(x)
+        return self.fc_norm(pool_tokens(feats, self.encoder.num_prefix_tokens, self.cfg.global_pool))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["video"] if "video" in batch else batch["image"]
+        logits = self.head(self.head_drop(self.forward_features(x)))
+        out = {"logits": logits}
+        label = batch.get("label")
+        if label is not None:
+            if label.ndim == 2:  # soft targets (mixup / cutmix already applied the smoothing)
+                loss = torch.sum(-label * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(logits.float(), label, label_smoothing=self.cfg.label_smoothing)
+            out["loss"] = loss
+            out["ce_loss"] = loss.detach()
+        return out
+
+
+@register_model("classifier", ClassifierCfg)
+def _build_classifier(cfg: ClassifierCfg) -> Classifier:
+    return Classifier(cfg)
+
+
+def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder."
+                         ) -> tuple[list[str], list[str]]:
+    """Load the ``encoder.*`` part of a pretraining checkpoint into ``model.encoder``.
+
+    Returns (missing, unexpected) encoder keys; position tables are fixed buffers and never stored.
+    """
+    enc_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not enc_state:
+        raise KeyError(f"checkpoint has no keys under {prefix!r}; first keys: {list(state)[:5]}")
+    result = model.encoder.load_state_dict(enc_state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)

@@ -1,0 +1,14 @@
+"""Building blocks shared by every mmmae model."""
+
+from mmmae.layers.attention import Attention, key_padding_bias
+from mmmae.layers.block import Block, DropPath, LayerScale, Mlp, drop_path
+from mmmae.layers.patch_embed import PatchEmbed2d, TubeletEmbed3d
+from mmmae.layers.patchify import patchify, patchify_video, unpatchify, unpatchify_video
+from mmmae.layers.pos_embed import (sincos_1d, sincos_pos_embed_1d, sincos_pos_embed_2d,
+                                    sincos_pos_embed_3d)
+
+__all__ = [
+    "Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed2d", "TubeletEmbed3d", "drop_path",
+    "key_padding_bias", "patchify", "patchify_video", "sincos_1d", "sincos_pos_embed_1d",
+    "sincos_pos_embed_2d", "sincos_pos_embed_3d", "unpatchify", "unpatchify_video",
+]

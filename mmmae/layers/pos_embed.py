@@ -1,0 +1,65 @@
+"""Fixed sine-cosine position tables.
+
+The 2-D table follows the layout of the official MAE table (``get_2d_sincos_pos_embed``): the first
+half of the channels encodes the column (w) coordinate and the second half the row (h) coordinate, and
+each half is ``[sin(pos * omega), cos(pos * omega)]`` with ``omega = 1 / 10000 ** (2i / D_half)``.
+Keeping that layout makes officially released MAE weights line up with ours position for position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Sin-cos features of arbitrary (float) positions.
+
+    Args:
+        embed_dim: D, must be even.
+        positions: any shape; flattened to (N,).
+    Returns:
+        (N, D) float32: ``[sin(p * omega_0..D/2), cos(p * omega_0..D/2)]``.
+    """
+    if embed_dim % 2 != 0:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = positions.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_pos_embed_1d(embed_dim: int, length: int) -> torch.Tensor:
+    """(L, D) table over positions 0..L-1 (VideoMAE's flattened T*H*W table, M3AE's text table)."""
+    return sincos_1d(embed_dim, torch.arange(length))
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """(H*W, D) table, row-major over an (H, W) token grid, in the official MAE channel layout.
+
+    MAE builds ``np.meshgrid(grid_w, grid_h)`` so its first grid is the column index; the first D/2
+    channels therefore encode w and the last D/2 encode h.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    gh, gw = grid_size
+    hh, ww = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    emb_w = sincos_1d(embed_dim // 2, ww)
+    emb_h = sincos_1d(embed_dim // 2, hh)
+    return torch.cat([emb_w, emb_h], dim=1)
+
+
+def sincos_pos_embed_3d(embed_dim: int, grid_size: tuple[int, int, int]) -> torch.Tensor:
+    """(T*H*W, D) separable space-time table (MAE-ST / OmniMAE style), t-major.
+
+    Like MAE-ST, D/4 channels encode time and the other 3D/4 encode space in the 2-D layout.
+    """
+    if embed_dim % 16 != 0:
+        raise ValueError(f"3-D sin-cos embedding needs a dimension divisible by 16, got {embed_dim}")
+    gt, gh, gw = grid_size
+    d_t = embed_dim // 4
+    d_s = embed_dim - d_t
+    spatial = sincos_pos_embed_2d(d_s, (gh, gw))  # (H*W, d_s)
+    temporal = sincos_pos_embed_1d(d_t, gt)  # (T, d_t)
+    spatial = spatial[None].expand(gt, -1, -1)
+    temporal = temporal[:, None].expand(-1, gh * gw, -1)
+    return torch.cat([spatial, temporal], dim=-1).reshape(gt * gh * gw, embed_dim)

@@ -1,0 +1,128 @@
+"""MODELS: method name -> (config dataclass, builder, mask maker).
+
+A method registers once; sizes are data (``configs/sizes/*.yaml``). ``create_model(name, size=...,
+**overrides)`` resolves defaults < size preset < overrides, rejecting unknown keys with the nearest
+valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from importlib import resources
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+MaskFn = Callable[[int, torch.Generator | None], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    cfg_cls: type
+    build: Callable[[Any], nn.Module]
+    # Makes the batch's masks in the data pipeline: (batch_size, generator) -> {"mask": (B, L) bool, ...}.
+    make_mask_fn: Callable[[Any], MaskFn] | None = None
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskFn] | None = None
+                   ) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
+    def deco(build: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        MODELS[name] = ModelSpec(name, cfg_cls, build, make_mask_fn)
+        return build
+    return deco
+
+
+def _ensure_registered() -> None:
+    """Import every installed method package once, which registers its models and datasets.
+
+    Packages announce themselves through the ``mmmae.plugins`` entry-point group (see pyproject), so
+    the core never imports a method package by name and third-party packages can add methods.
+    """
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import mmmae.heads  # noqa: F401  (the classifier lives in the core)
+    for ep in sorted(entry_points(group="mmmae.plugins"), key=lambda e: e.name):
+        ep.load()
+
+
+_LOADED = False
+
+
+def list_models() -> list[str]:
+    """Registered method names, sorted."""
+    _ensure_registered()
+    return sorted(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_registered()
+    if name not in MODELS:
+        near = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise KeyError(f"unknown model {name!r}{hint}; registered models: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def list_sizes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("mmmae.configs").joinpath("sizes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_size(size: str) -> dict[str, Any]:
+    path = resources.files("mmmae.configs").joinpath("sizes", f"{size}.yaml")
+    if not path.is_file():
+        raise ValueError(f"unknown size preset {size!r}; available: {', '.join(list_sizes())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> KeyError:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return KeyError(f"unknown key {key!r} in {where}{hint} (valid keys: {', '.join(sorted(valid))})")
+
+
+def resolve_model_cfg(name: str, size: str | None = None, **overrides: Any) -> Any:
+    """Build the method's config: dataclass defaults < size preset < overrides."""
+    spec = get_spec(name)
+    fields = {f.name: f for f in dataclasses.fields(spec.cfg_cls)}
+    values: dict[str, Any] = {}
+    if size:
+        # A size preset may name fields a method lacks (a decoder for SimMIM): those are skipped.
+        values.update({k: v for k, v in load_size(size).items() if k in fields})
+    for k, v in overrides.items():
+        if k not in fields:
+            raise unknown_key_error(k, list(fields), f"model {name!r}")
+        values[k] = v
+    # A structured merge converts and type-checks the values (a string for an int field is an error).
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(spec.cfg_cls), values)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"model {name!r}, key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def build_from_cfg(name: str, cfg: Any, *, init: bool = True) -> nn.Module:
+    model = get_spec(name).build(cfg)
+    if init and hasattr(model, "init_weights"):
+        model.init_weights()
+    return model
+
+
+def create_model(name: str, size: str | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered model: ``create_model("mae", size="vit_base", mask_ratio=0.9)``."""
+    return build_from_cfg(name, resolve_model_cfg(name, size, **overrides))
