@@ -1,5 +1,6 @@
 """Image methods: MAE and SimMIM; image datasets."""
 
+from mmmae.image import datasets  # noqa: F401  (registers the image sources)
 from mmmae.image.mae import MAE, MAECfg
 from mmmae.image.simmim import SimMIM, SimMIMCfg
 

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmmae.data.registry import register_dataset
+
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -130,3 +132,33 @@ class SyntheticImages(Dataset):
         coarse = torch.randn(1, 3, max(self.img_size // 8, 1), max(self.img_size // 8, 1), generator=g)
         img = torch.nn.functional.interpolate(coarse, size=self.img_size, mode="bilinear", align_corners=False)[0]
         return {"image": img, "label": index % self.num_classes, "index": index}
+
+
+def _image_transform(cfg, model_cfg):  # noqa: ANN001, ANN202 - cfg is the loaded TrainCfg
+    from mmmae.data.transforms import mae_train_transform
+    return mae_train_transform(model_cfg.img_size, scale=(cfg.data.min_scale, 1.0), hflip=cfg.data.hflip)
+
+
+def _limited(ds: Dataset, limit: int) -> Dataset:
+    return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit else ds
+
+
+@register_dataset("synthetic")
+def _build_synthetic(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
+    return SyntheticImages(cfg.data.length, model_cfg.img_size, seed=0 if split == "train" else 1)
+
+
+@register_dataset("image_folder")
+def _build_image_folder(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
+    root = cfg.data.root if split == "train" else (cfg.data.val_list or cfg.data.root)
+    from mmmae.data.transforms import eval_transform
+    tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size)
+    return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction), cfg.data.limit)
+
+
+@register_dataset("fashion_mnist")
+def _build_fashion_mnist(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
+    root = cfg.data.root or "/usr/share/datasets/fashion-mnist"
+    from mmmae.data.transforms import eval_transform
+    tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size, crop_pct=1.0)
+    return FashionMNIST(root, "train" if split == "train" else "test", tf, limit=cfg.data.limit)

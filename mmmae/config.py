@@ -84,6 +84,8 @@ class OptimCfg:
 class LoopCfg:
     epochs: int = 800
     max_steps: int = 0  # > 0 stops after this many optimizer steps, overriding epochs
+    stop_at_step: int = 0  # > 0 ends this invocation at that step with a checkpoint, keeping the
+    # schedule of max_steps / epochs (as a preemption would); resume=auto continues the run
     accum_steps: int = 1
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where supported), bf16, fp16, fp32
@@ -213,8 +215,8 @@ def dump_config(cfg: DictConfig, path: str | Path) -> None:
 
 
 def global_batch_size(cfg: DictConfig, world_size: int) -> int:
-    """Samples per optimizer step: micro batch x repeated views x accumulation x processes."""
-    return cfg.data.batch_size * cfg.train.accum_steps * world_size
+    """Samples per optimizer step: items per batch x repeated views x accumulation x processes."""
+    return cfg.data.batch_size * max(cfg.data.num_samples, 1) * cfg.train.accum_steps * world_size
 
 
 def effective_lr(cfg: DictConfig, world_size: int) -> float:

@@ -97,8 +97,8 @@ class MaskedEncoder(nn.Module):
                 raise ValueError("this encoder was built without a mask token (mask_token=False); "
                                  "pass ids_keep to drop hidden tokens instead")
             check_mask(mask, n)
-            w = mask.unsqueeze(-1).to(tokens.dtype)
-            tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+            # torch.where, not a blend: whatever the hidden tokens hold (even NaN) must not leak through.
+            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         if pos is not None:
             tokens = tokens + pos.to(tokens.dtype)
         if ids_keep is not None:
@@ -159,7 +159,7 @@ class VisionEncoder(MaskedEncoder):
         if pos_embed == "sincos":
             table = (sincos_pos_embed_3d if self.is_video else sincos_pos_embed_2d)(embed_dim, self.grid_size)
         elif pos_embed == "sincos_1d":
-            table = sincos_pos_embed_1d(embed_dim, self.num_patches)
+            table = sincos_pos_embed_1d(embed_dim, self.num_patches, interleave=True)
         else:
             raise ValueError(f"pos_embed must be 'sincos' or 'sincos_1d', got {pos_embed!r}")
         self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)

@@ -122,6 +122,9 @@ class Classifier(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels -> pooled, normed features (B, D)."""
         if self.cfg.linear_probe:

@@ -86,14 +86,14 @@ def running_cell_mask(batch_size: int, grid_size: tuple[int, int, int], mask_rat
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """VideoMAEv2's running-cell masking, used to choose which tokens the decoder reconstructs.
 
-    The token grid is tiled by 2x2 cells; in each cell ``round(4 * ratio)`` positions are hidden and
+    The token grid is tiled by 2x2 cells; in each cell ``int(4 * ratio)`` positions are hidden and
     the hidden positions shift by one step every time slice, so over time every location is covered.
     One random phase per sample. Returns (B, T*H*W) bool (True = not reconstructed).
     """
     gt, gh, gw = grid_size
     if gh % 2 or gw % 2:
         raise ValueError(f"running-cell masking needs an even spatial token grid, got {(gh, gw)}")
-    hidden_per_cell = int(round(4 * mask_ratio))
+    hidden_per_cell = int(4 * mask_ratio)  # VideoMAEv2 truncates
     if not 0 < hidden_per_cell < 4:
         raise ValueError(f"running-cell mask_ratio must give 1..3 of 4 cell positions, got {mask_ratio}")
     queue = torch.tensor([True] * hidden_per_cell + [False] * (4 - hidden_per_cell))

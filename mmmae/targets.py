@@ -75,14 +75,14 @@ class HOGTarget(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         b, c, h, w = imgs.shape
         x = F.pad(imgs.float().reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
-        gx = F.conv2d(x, self.weight_x)
-        gy = F.conv2d(x, self.weight_y)
+        gx = F.conv2d(x, self.weight_x.float())  # buffers may have been cast to bf16 with the model
+        gy = F.conv2d(x, self.weight_y.float())
         mag = torch.sqrt(gx**2 + gy**2)
         # Unsigned orientation in [0, pi) -> nbins bins.
         phase = torch.atan2(gy, gx) % math.pi
         bins = (phase / math.pi * self.nbins).long().clamp_(max=self.nbins - 1)
         p = self.patch_size
-        mag = mag * self.window.repeat(h // p, w // p)[None, None]
+        mag = mag * self.window.float().repeat(h // p, w // p)[None, None]
         hist = torch.zeros(b * c, self.nbins, h, w, device=imgs.device)
         hist.scatter_(1, bins, mag)
         cs = self.cell_size

@@ -151,7 +151,7 @@ def from_official_videomae(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if k.endswith("pos_embed"):
-            _check_table(k, v, sincos_pos_embed_1d(v.shape[-1], v.reshape(-1, v.shape[-1]).shape[0]), 0)
+            _check_table(k, v, sincos_pos_embed_1d(v.shape[-1], v.reshape(-1, v.shape[-1]).shape[0], interleave=True), 0)
         elif k.startswith("encoder."):
             out[k] = v
         elif k == "encoder_to_decoder.weight" or k == "encoder_to_decoder.bias":
@@ -194,5 +194,5 @@ def from_hf_videomae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif k == "encoder_to_decoder.bias":
             out["decoder.decoder_embed.bias"] = v
         elif k.endswith("position_embeddings") or k.endswith("pos_embed"):
-            _check_table(k, v, sincos_pos_embed_1d(v.shape[-1], v.reshape(-1, v.shape[-1]).shape[0]), 0)
+            _check_table(k, v, sincos_pos_embed_1d(v.shape[-1], v.reshape(-1, v.shape[-1]).shape[0], interleave=True), 0)
     return out

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import default_collate
 
+from mmmae.data.sampler import mix_seed
 from mmmae.registry import MaskFn
-
-COUNTER_KEYS = {"skipped": "skipped_videos"}
-
 
 def flatten_samples(samples: Sequence[Any]) -> list[dict[str, Any]]:
     """Datasets with repeated sampling return a list of views per item; flatten them into one batch."""
@@ -35,11 +32,6 @@ def collate_dicts(samples: Sequence[Any], counter_name: str = "skipped_videos") 
     return batch
 
 
-def _seed_of(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 class MaskCollator:
     """Collate, then add the method's masks drawn from a generator seeded by (seed, epoch, sample
     indices): reproducible for a given data order, so a resumed run sees the same masks, and safe in
@@ -60,7 +52,7 @@ class MaskCollator:
         if self.mask_fn is not None:
             index = batch.get("index")
             key = index.tolist() if torch.is_tensor(index) else None
-            g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, key))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, key))
             size = len(next(v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0))
             batch.update(self.mask_fn(size, g))
         return batch

@@ -30,7 +30,8 @@ class PatchEmbed2d(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
             raise ValueError(f"expected images of shape (B, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Inputs arrive in fp32; under bf16/fp16 training the weights do not, and conv needs them equal.
+        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
     def init_weights(self) -> None:
         # MAE: initialise the projection like nn.Linear (xavier on the flattened kernel).
@@ -65,7 +66,7 @@ class TubeletEmbed3d(nn.Module):
         expected = (self.in_chans, self.num_frames, *self.img_size)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected videos of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
     def init_weights(self) -> None:
         w = self.proj.weight.data

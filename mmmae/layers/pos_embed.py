@@ -28,9 +28,18 @@ def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
 
 
-def sincos_pos_embed_1d(embed_dim: int, length: int) -> torch.Tensor:
-    """(L, D) table over positions 0..L-1 (VideoMAE's flattened T*H*W table, M3AE's text table)."""
-    return sincos_1d(embed_dim, torch.arange(length))
+def sincos_pos_embed_1d(embed_dim: int, length: int, *, interleave: bool = False) -> torch.Tensor:
+    """(L, D) table over positions 0..L-1.
+
+    ``interleave=False``: ``[sin..., cos...]`` halves, MAE's 1-D layout (M3AE's text table).
+    ``interleave=True``: ``[sin w0, cos w0, sin w1, cos w1, ...]``, the layout of VideoMAE's
+    ``get_sinusoid_encoding_table`` over the flattened T*H*W tokens, which its released weights expect.
+    """
+    table = sincos_1d(embed_dim, torch.arange(length))
+    if not interleave:
+        return table
+    half = embed_dim // 2
+    return torch.stack([table[:, :half], table[:, half:]], dim=-1).reshape(length, embed_dim)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,37 @@
+# make install: .venv with everything (torch pinned by constraints.txt); make test: the whole suite;
+# make demo: a short pretraining run through the deepspeed launcher on real data.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmmae-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Without a GPU, DeepSpeed runs on the CPU accelerator with gloo; one thread per process on 2 processes.
+CPU_ENV := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1")
+DEMO_PROCS ?= 2
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# The real Fashion-MNIST files come from Debian's package (tests and the tiny image config use them).
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "note: install Debian's dataset-fashion-mnist for the Fashion-MNIST tests and demo"; fi; \
+	fi
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(CPU_ENV) $(VENV)/bin/deepspeed --num_gpus $(DEMO_PROCS) tools/train.py --config image_mae_tiny.yaml \
+	  output_dir=$(DEMO_DIR) train.max_steps=60 train.vis_every=20
+	@echo "run directory: $(DEMO_DIR) (metrics.jsonl, vis/*.png, model.safetensors, tensorboard/)"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,142 @@
+"""Crash-safe checkpoints in ``output_dir/checkpoints``.
+
+Each checkpoint is written under a ``*.tmp`` name, and only after every rank has finished writing does
+rank 0 drop a ``COMPLETE`` marker (written to a temp file and renamed) and rename the folder to its
+final ``step_XXXXXXXX`` name. Renames are atomic, so a ``kill -9`` at any moment leaves either a
+complete checkpoint or a ``.tmp`` folder that ``resume=auto`` ignores (and the next save clears).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmmae.engine import dist as D
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+MARKER = "COMPLETE"
+
+
+def ckpt_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = ckpt_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """``""`` -> None; ``auto`` -> the latest complete checkpoint (or None); else a checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpts = complete_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not (p / MARKER).is_file():
+        raise FileNotFoundError(f"resume={resume!r} is not a complete checkpoint folder (no {MARKER} marker)")
+    return p
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine: Any, output_dir: str | Path, step: int, client_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write a DeepSpeed checkpoint for ``step`` on every rank, then publish it atomically."""
+    root = ckpt_root(output_dir)
+    name = f"step_{step:08d}"
+    tmp_tag = f"{name}.tmp"
+    if D.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    D.barrier()
+    # Each rank's RNG state travels in its own file: resumed dropout / drop-path draws continue exactly.
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    torch.save(rng, root / tmp_tag / f"rng_rank{D.rank()}.pt")
+    D.barrier()
+    final = root / name
+    if D.is_main():
+        _write_atomic(root / tmp_tag / MARKER, json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+    return final
+
+
+def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
+    """Load a published checkpoint into the engine (model, optimizer, scheduler state) and restore
+    this rank's RNG state; returns the client state saved with it."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
+    if client_state is None:
+        raise RuntimeError(f"could not load checkpoint {path}")
+    rng_file = path / f"rng_rank{D.rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return client_state
+
+
+def consolidated_state_dict(engine: Any, last_ckpt: Path | None) -> dict[str, torch.Tensor] | None:
+    """Full fp32 model weights on rank 0 (None elsewhere), also under ZeRO-3.
+
+    For ZeRO stages 1-3 the fp32 master weights are rebuilt from the last checkpoint's partitions
+    (DeepSpeed's zero_to_fp32); for stage 0 the module's own weights are used (cast to fp32).
+    """
+    stage = engine.zero_optimization_stage()
+    state: dict[str, torch.Tensor] | None = None
+    if stage >= 1 and last_ckpt is not None:
+        D.barrier()
+        if D.is_main():
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(last_ckpt.parent), tag=last_ckpt.name)
+        D.barrier()
+    elif stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if D.is_main():
+                state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    elif D.is_main():
+        state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    if state is not None:
+        # Fixed buffers (position tables) are not weights; keep only what load_state_dict expects.
+        state = {k: v.float().contiguous() for k, v in state.items()}
+    return state
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a safetensors file atomically (temp name, fsync, rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

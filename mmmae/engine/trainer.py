@@ -1,0 +1,343 @@
+"""The one training loop (pretraining and fine-tuning) on DeepSpeed.
+
+``out = engine(batch); engine.backward(out["loss"]); engine.step()`` is all the loop knows about a
+model; everything else here is bookkeeping: data order, lr schedule, checkpoints, logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from mmmae.config import dump_config, effective_lr, global_batch_size, model_cfg
+from mmmae.data.collate import MaskCollator
+from mmmae.data.registry import build_dataset
+from mmmae.data.sampler import ResumableDistributedSampler, SeededDataset, mix_seed
+from mmmae.engine import dist as D
+from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_checkpoint,
+                                     resolve_resume, save_checkpoint, save_safetensors)
+from mmmae.engine.metrics import MetricsLogger
+from mmmae.engine.optim import lr_at, param_groups
+from mmmae.engine.visualize import panel_for, save_png
+from mmmae.registry import build_from_cfg, get_spec
+
+log = logging.getLogger("mmmae.train")
+
+DERIVED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                   "gradient_clipping", "bf16", "fp16")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that support it and on CPU (bf16 matrix units pay there too), else fp16."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def micro_batch_size(cfg: DictConfig) -> int:
+    """Samples per forward: items per loader batch x repeated views per item."""
+    return cfg.data.batch_size * max(cfg.data.num_samples, 1)
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The YAML's ``ds`` block plus the fields derived from the training config. A derived field set
+    by hand in ``ds`` must agree with the derived value."""
+    user = OmegaConf.to_container(cfg.ds, resolve=True)
+    assert isinstance(user, dict)
+    micro = micro_batch_size(cfg)
+    derived: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.accum_steps,
+        "train_batch_size": micro * cfg.train.accum_steps * world_size,
+        "gradient_clipping": float(cfg.optim.clip_grad),
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
+    }
+    for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if k in user and user[k] != derived[k]:
+            raise ValueError(f"ds.{k}={user[k]} disagrees with the value derived from data.batch_size / "
+                             f"train.accum_steps / world size ({derived[k]}); set those instead")
+    out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **user}
+    for k, v in derived.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
+    """``init_from``: weights from a pretraining run (``model.safetensors`` or a checkpoint file).
+
+    A model with ``load_pretrained`` (e.g. BEVT's inflation) decides itself; a classifier takes the
+    encoder part; anything else loads non-strictly. Missing and unexpected keys are returned.
+    """
+    from mmmae.convert import load_checkpoint_file
+    from mmmae.heads import Classifier, load_encoder_weights
+
+    state = load_checkpoint_file(path)
+    if hasattr(model, "load_pretrained"):
+        missing, unexpected = model.load_pretrained(state)
+    elif isinstance(model, Classifier):
+        missing, unexpected = load_encoder_weights(model, state)
+    else:
+        res = model.load_state_dict(state, strict=False)
+        missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
+    return {"missing": list(missing), "unexpected": list(unexpected)}
+
+
+def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    key = next((k for k in ("video", "image", "text") if torch.is_tensor(batch.get(k))), None)
+    return int(batch[key].shape[0]) if key else 0
+
+
+def _tokens_in(batch: dict[str, Any], out: dict[str, Any], fallback: int) -> int:
+    n = 0
+    mask = out.get("mask") if isinstance(out, dict) else None
+    if torch.is_tensor(mask) and mask.ndim == 2:
+        n += mask.numel()
+    else:
+        key = next((k for k in ("video", "image") if k in batch), None)
+        n += fallback * (batch[key].shape[0] if key else 0)
+    if torch.is_tensor(batch.get("text")):
+        n += batch["text"].numel()
+    return n
+
+
+def build_mixup(cfg: DictConfig, mcfg: Any) -> Any:
+    """timm's Mixup/CutMix for fine-tuning (soft labels with smoothing), or None."""
+    if cfg.train.mixup <= 0 and cfg.train.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix,
+                 label_smoothing=cfg.train.label_smoothing, num_classes=mcfg.num_classes)
+
+
+def apply_mixup(mixup: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    key = "video" if "video" in batch else "image"
+    x = batch[key]
+    # timm's cutmix cuts the last two axes; fold time into channels so videos get one box on H x W.
+    flat = x.flatten(1, 2) if x.ndim == 5 else x
+    flat, target = mixup(flat, batch["label"])
+    return {**batch, key: flat.view_as(x), "label": target}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run training as configured; returns a summary (final step, last metrics, output paths)."""
+    import deepspeed
+
+    device = D.init_distributed()
+    rank, world = D.rank(), D.world_size()
+    out_dir = Path(cfg.output_dir)
+    if D.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+    precision = resolve_precision(cfg.train.precision, device)
+    seed = cfg.train.seed
+    torch.manual_seed(mix_seed(seed, rank, "init"))
+
+    mcfg = model_cfg(cfg.model)
+    name = cfg.model.name
+    spec = get_spec(name)
+    # Data first: a missing path should fail before minutes of model building.
+    dataset = SeededDataset(build_dataset(cfg, "train", mcfg), seed)
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = build_from_cfg(name, mcfg)
+    init_report = None
+    if cfg.init_from:
+        init_report = load_init_weights(model, cfg.init_from)
+        if D.is_main():
+            log.info("init_from %s: missing %s, unexpected %s", cfg.init_from, init_report["missing"],
+                     init_report["unexpected"])
+            (out_dir / "init_report.json").write_text(json.dumps({"init_from": cfg.init_from, **init_report}, indent=1))
+    if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+
+    sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=True, seed=seed)
+    collate = MaskCollator(spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, seed=seed)
+    loader_gen = torch.Generator()
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.data.num_workers, drop_last=True, generator=loader_gen,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    batches_per_epoch = len(loader)
+    if batches_per_epoch < cfg.train.accum_steps:
+        raise ValueError(f"the dataset gives {batches_per_epoch} batches of {cfg.data.batch_size} per process, "
+                         f"fewer than train.accum_steps={cfg.train.accum_steps}; lower data.batch_size")
+    steps_per_epoch = batches_per_epoch // cfg.train.accum_steps
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else int(cfg.optim.warmup_epochs * steps_per_epoch)
+    base_lr = effective_lr(cfg, world)
+
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    for g in groups:
+        g.pop("names")
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=bool(cfg.optim.fused))
+    ds_config = deepspeed_config(cfg, world, precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.train.compile:
+        engine.compile()
+
+    step, epoch, epoch_batches = 0, 0, 0
+    nonfinite_total, skipped_total = 0, 0
+    resume_from = resolve_resume(cfg.resume, out_dir)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from)
+        step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        nonfinite_total, skipped_total = state.get("nonfinite_total", 0), state.get("skipped_total", 0)
+        if D.is_main():
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, epoch_batches)
+
+    metrics = MetricsLogger(out_dir, enabled=D.is_main())
+    bar = None
+    if D.is_main() and cfg.train.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc=f"{name}", dynamic_ncols=True)
+    tokens_fallback = int(getattr(getattr(model, "encoder", None), "num_patches", 0))
+    mixup = build_mixup(cfg, mcfg)
+
+    acc: dict[str, float] = {}
+    acc_n = 0
+    window_samples = window_tokens = 0
+    window_start = time.perf_counter()
+    consecutive_bad = 0
+    micro = 0
+    last_batch: dict[str, Any] | None = None
+    last_out: dict[str, Any] | None = None
+    last_record: dict[str, Any] = {}
+    last_ckpt: Path | None = None
+    grad_norm = float("nan")
+
+    def set_lr(s: int) -> float:
+        lr = lr_at(s, base_lr=base_lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, total_steps=total_steps)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def checkpoint_now() -> Path:
+        client = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches,
+                  "nonfinite_total": nonfinite_total, "skipped_total": skipped_total}
+        return save_checkpoint(engine, out_dir, step, client, cfg.train.keep_last)
+
+    engine.train()
+    lr = set_lr(step)
+    end_step = min(total_steps, cfg.train.stop_at_step) if cfg.train.stop_at_step > 0 else total_steps
+    while step < end_step:
+        sampler.set_epoch(epoch, start=epoch_batches * cfg.data.batch_size)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        collate.set_epoch(epoch)
+        loader_gen.manual_seed(mix_seed(seed, epoch, "workers"))
+        for batch in loader:
+            epoch_batches += 1
+            skipped_total += int(sum(v for k, v in batch.items() if k.startswith("skipped_") and isinstance(v, int)))
+            batch = _batch_to(batch, device)
+            if mixup is not None:
+                batch = apply_mixup(mixup, batch)
+            if micro % cfg.train.accum_steps == 0:
+                lr = set_lr(step)
+            out = engine(batch)
+            loss = out["loss"]
+            finite = D.all_reduce_sum(0.0 if torch.isfinite(loss).all() else 1.0) == 0.0
+            if not finite:
+                # Every rank skips this batch (they agreed above), so DeepSpeed's counters stay aligned.
+                nonfinite_total += 1
+                consecutive_bad += 1
+                if D.is_main():
+                    log.warning("non-finite loss at step %d (%d in a row); batch skipped", step, consecutive_bad)
+                if consecutive_bad >= cfg.train.max_nonfinite:
+                    raise NonFiniteLossError(f"{consecutive_bad} consecutive non-finite losses at step {step} "
+                                             f"(train.max_nonfinite={cfg.train.max_nonfinite}); stopping")
+                continue
+            consecutive_bad = 0
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            for k, v in out.items():
+                if k == "loss" or k.endswith("_loss"):
+                    acc[k] = acc.get(k, 0.0) + float(v.detach().float())
+            acc_n += 1
+            window_samples += _batch_len(batch)
+            window_tokens += _tokens_in(batch, out, tokens_fallback)
+            last_batch, last_out = batch, out
+            if micro % cfg.train.accum_steps != 0:
+                continue
+            step += 1
+            gn = engine.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                means = D.all_reduce_mean({k: v / max(acc_n, 1) for k, v in acc.items()})
+                samples = D.all_reduce_sum(window_samples)
+                tokens = D.all_reduce_sum(window_tokens)
+                skipped_all = int(D.all_reduce_sum(skipped_total))
+                last_record = {"step": step, "epoch": epoch + epoch_batches / batches_per_epoch, **means,
+                               "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
+                               "tokens_per_s": tokens / elapsed, "skipped_videos": skipped_all,
+                               "nonfinite_steps": nonfinite_total}
+                metrics.log(last_record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", sps=f"{samples / elapsed:.1f}")
+                acc, acc_n, window_samples, window_tokens = {}, 0, 0, 0
+                window_start = time.perf_counter()
+            if cfg.train.vis_every and step % cfg.train.vis_every == 0 and D.is_main():
+                _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
+            if step % cfg.train.ckpt_every == 0 and step < end_step:
+                last_ckpt = checkpoint_now()
+            if step >= end_step:
+                break
+        else:
+            epoch += 1
+            epoch_batches = 0
+            continue
+        break
+
+    if bar is not None:
+        bar.close()
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
+        last_ckpt = checkpoint_now()
+    if D.is_main() and last_batch is not None:
+        _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
+    state = consolidated_state_dict(engine, last_ckpt)
+    if D.is_main() and state is not None:
+        save_safetensors(state, out_dir / "model.safetensors")
+    metrics.close()
+    D.barrier()
+    return {"step": step, "last": last_record, "output_dir": str(out_dir), "checkpoints":
+            [str(p) for p in complete_checkpoints(out_dir)], "init_report": init_report}
+
+
+def _save_picture(model: torch.nn.Module, batch: dict[str, Any] | None, out: dict[str, Any] | None,
+                  out_dir: Path, step: int, metrics: MetricsLogger) -> None:
+    if batch is None or out is None:
+        return
+    try:
+        panel = panel_for(model, batch, out)
+    except Exception as e:  # a picture must never stop a run
+        log.warning("could not draw the reconstruction picture at step %d: %s", step, e)
+        return
+    if panel is not None:
+        save_png(panel, out_dir / "vis" / f"step_{step:08d}.png")
+        metrics.add_image("reconstruction", panel, step)

@@ -1,0 +1,132 @@
+"""The training engine through its real entry point: deepspeed launcher, ZeRO stages, resume,
+checkpoints, run directory, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, cpu_env, run_tool
+
+TINY = ["--config", "image_mae_tiny.yaml", "train.progress=false"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_run_dir(run: Path, steps: int) -> None:
+    import mmmae
+    from safetensors.torch import load_file
+
+    assert (run / "config.yaml").is_file()
+    rows = _metrics(run)
+    assert rows[-1]["step"] == steps
+    for key in ("step", "epoch", "loss", "mse_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
+                "skipped_videos", "nonfinite_steps"):
+        assert key in rows[-1], key
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "vis").glob("step_*.png"))
+    state = load_file(str(run / "model.safetensors"))
+    model = mmmae.create_model("mae", size="vit_tiny_test", img_size=32, patch_size=8)
+    model.load_state_dict(state, strict=True)
+    assert all(v.dtype == torch.float32 for v in state.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes(tmp_path: Path, stage: int, fashion_mnist: Path) -> None:
+    run = tmp_path / f"zero{stage}"
+    run_tool("train.py", [*TINY, f"output_dir={run}", f"ds.zero_optimization.stage={stage}",
+                          "train.max_steps=12", "train.log_every=3", "train.ckpt_every=6", "train.vis_every=6"],
+             procs=2)
+    _check_run_dir(run, 12)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000006", "step_00000012"]
+    # Each of the two ranks wrote its own partition of the optimizer state.
+    assert len(list((run / "checkpoints" / "step_00000012").glob("*optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tmp_path: Path, fashion_mnist: Path) -> None:
+    """A run of 2N steps and a run stopped at N then resumed log the same losses for N+1..2N
+    (same data order, augmentation, masks, lr, optimizer and RNG state), with 2 data workers."""
+    common = [*TINY, "ds.zero_optimization.stage=1", "data.num_workers=2", "train.max_steps=12",
+              "train.log_every=2", "train.ckpt_every=100"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run_tool("train.py", [*common, f"output_dir={full}"], procs=2)
+    run_tool("train.py", [*common, f"output_dir={parts}", "train.stop_at_step=6"], procs=2)
+    assert [p.name for p in (parts / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_00000006"]
+    run_tool("train.py", [*common, f"output_dir={parts}", "resume=auto"], procs=2)
+    a = {r["step"]: r for r in _metrics(full)}
+    b = {r["step"]: r for r in _metrics(parts)}
+    assert sorted(b) == sorted(a)
+    for step in (8, 10, 12):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7), step
+        assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_plain_python_single_process(tmp_path: Path, fashion_mnist: Path) -> None:
+    run = tmp_path / "single"
+    res = run_tool("train.py", [*TINY, f"output_dir={run}", "train.max_steps=8", "train.log_every=2",
+                                "train.precision=fp32", "optim.clip_grad=1.0"])
+    _check_run_dir(run, 8)
+    assert "finished at step 8" in res.stderr
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    res = run_tool("train.py", [*TINY, "optim.blrr=1e-3"], check=False)
+    assert res.returncode == 2 and "optim.blrr" in res.stderr and "optim.blr" in res.stderr
+    res = run_tool("train.py", [*TINY, "data.batch_size=many"], check=False)
+    assert res.returncode == 2 and "data.batch_size" in res.stderr
+    res = run_tool("train.py", [*TINY, "model.mask_ratoi=0.5"], check=False)
+    assert res.returncode == 2 and "mask_ratoi" in res.stderr and "mask_ratio" in res.stderr
+    res = run_tool("train.py", ["--config", "image_mea.yaml"], check=False)
+    assert res.returncode == 2 and "image_mae.yaml" in res.stderr
+
+
+def test_missing_data_path_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder"
+    res = run_tool("train.py", ["--config", "image_mae.yaml", f"data.root={missing}", f"output_dir={tmp_path}/r",
+                                "model.size=vit_tiny_test"], check=False)
+    assert res.returncode != 0
+    assert str(missing) in res.stderr
+
+
+@pytest.mark.slow
+def test_kill_during_checkpointing_never_leaves_a_resumable_partial(tmp_path: Path, fashion_mnist: Path) -> None:
+    """kill -9 a run that checkpoints every step at several moments; whatever is left, resume=auto
+    only ever picks a complete checkpoint and the run continues to the end."""
+    from mmmae.engine.checkpoint import MARKER, complete_checkpoints, resolve_resume
+
+    run = tmp_path / "killed"
+    args = [sys.executable, str(ROOT / "tools" / "train.py"), *TINY, f"output_dir={run}", "train.max_steps=400",
+            "train.ckpt_every=1", "train.keep_last=3", "resume=auto"]
+    for delay in (9.0, 10.5):
+        proc = subprocess.Popen(args, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not complete_checkpoints(run) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(delay - 9.0 + 0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for ckpt in complete_checkpoints(run):
+            assert (ckpt / MARKER).is_file() and (ckpt / "mp_rank_00_model_states.pt").is_file()
+        latest = resolve_resume("auto", run)
+        assert latest is not None and not latest.name.endswith(".tmp")
+    start = int(resolve_resume("auto", run).name.split("_")[1])  # type: ignore[union-attr]
+    run_tool("train.py", [*TINY, f"output_dir={run}", f"train.max_steps={start + 4}", "train.ckpt_every=100",
+                          "resume=auto", "train.log_every=1"])
+    rows = _metrics(run)
+    assert rows[-1]["step"] == start + 4

@@ -1,0 +1,44 @@
+"""Train any mmmae method: ``deepspeed tools/train.py --config NAME.yaml [key=value ...]``.
+
+Runs unchanged under the ``deepspeed`` launcher (one or many processes, ``--hostfile`` for nodes),
+under ``torchrun``, and as plain ``python tools/train.py`` (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML path, or the name of a packaged config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like key=value")
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from mmmae.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from mmmae.engine.trainer import train
+    summary = train(cfg)
+    if rank == 0:
+        logging.getLogger("mmmae.train").info("finished at step %d; run directory %s", summary["step"],
+                                              summary["output_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
