@@ -86,7 +86,7 @@ class MAE(nn.Module):
 
 def _mae_mask_fn(cfg: MAECfg) -> MaskFn:
     grid = cfg.img_size // cfg.patch_size
-    return lambda b, g: {"mask": random_mask(b, grid * grid, cfg.mask_ratio, generator=g)}
+    return lambda b, g, modality="image": {"mask": random_mask(b, grid * grid, cfg.mask_ratio, generator=g)}
 
 
 @register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn)

@@ -65,7 +65,7 @@ class SimMIM(nn.Module):
 def _simmim_mask_fn(cfg: SimMIMCfg) -> MaskFn:
     grid = cfg.img_size // cfg.patch_size
     s = cfg.mask_patch_size // cfg.patch_size
-    return lambda b, g: {"mask": block_mask(b, (grid, grid), cfg.mask_ratio, mask_patch_size=s, generator=g)}
+    return lambda b, g, modality="image": {"mask": block_mask(b, (grid, grid), cfg.mask_ratio, mask_patch_size=s, generator=g)}
 
 
 @register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn)

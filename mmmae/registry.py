@@ -18,7 +18,9 @@ import torch
 import yaml
 from torch import nn
 
-MaskFn = Callable[[int, torch.Generator | None], dict[str, torch.Tensor]]
+# Mask maker: fn(batch_size, generator, modality="image") -> {"mask": (B, L) bool, ...}; ``modality``
+# ("image", "video" or "text") is the batch's main input, for methods that mix modalities (OmniMAE).
+MaskFn = Callable[..., dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class MaskCollator:
             index = batch.get("index")
             key = index.tolist() if torch.is_tensor(index) else None
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, key))
-            size = len(next(v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0))
-            batch.update(self.mask_fn(size, g))
+            modality = next((k for k in ("video", "image", "text") if k in batch), "image")
+            size = len(batch[modality]) if modality in batch else len(next(
+                v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0))
+            batch.update(self.mask_fn(size, g, modality=modality))
         return batch

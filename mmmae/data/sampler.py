@@ -75,3 +75,72 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, self.epoch, index))
             return self.dataset[index]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of a :class:`ResumableDistributedSampler` (drop_last), resumable at a batch boundary."""
+
+    def __init__(self, length: int, batch_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        self.sampler = ResumableDistributedSampler(length, num_replicas, rank, shuffle, seed)
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.start_batch = start_batch
+        self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        it = iter(self.sampler)
+        for _ in range(len(self)):
+            yield [next(it) for _ in range(self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.sampler.num_samples // self.batch_size - self.start_batch
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Homogeneous batches from several sources behind one ``ConcatDataset``: every batch draws one
+    source, chosen with the given probabilities by a generator seeded by (seed, epoch, batch), and
+    takes its next ``batch_size`` indices of that source (OmniMAE's image / video steps).
+
+    ``sizes`` are the sources' lengths in concatenation order; an epoch is as many batches as the
+    sources would give on their own, so each source is seen about once per epoch in expectation.
+    """
+
+    def __init__(self, sizes: list[int], probs: list[float], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0) -> None:
+        if len(sizes) != len(probs) or not sizes:
+            raise ValueError("MixedBatchSampler needs one probability per source")
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ValueError(f"source probabilities must be >= 0 with a positive sum, got {probs}")
+        self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
+        self.probs = torch.tensor(probs, dtype=torch.float64) / sum(probs)
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.samplers = [ResumableDistributedSampler(n, num_replicas, rank, True, seed + i) for i, n in enumerate(sizes)]
+        self.num_batches = sum(s.num_samples for s in self.samplers) // batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _stream(self, src: int) -> Iterator[int]:
+        """Endless shuffled indices of one source (a new permutation per pass)."""
+        rep = 0
+        while True:
+            s = self.samplers[src]
+            s.set_epoch(self.epoch * 1000 + rep)
+            yield from (self.offsets[src] + i for i in s)
+            rep += 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, "mix"))
+        choice = torch.multinomial(self.probs, self.num_batches, replacement=True, generator=g).tolist()
+        streams = [self._stream(i) for i in range(len(self.sizes))]
+        for b, src in enumerate(choice):
+            batch = [next(streams[src]) for _ in range(self.batch_size)]
+            if b >= self.start_batch:  # replay the skipped batches so every stream is where it was
+                yield batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from mmmae.config import dump_config, effective_lr, global_batch_size, model_cfg
-from mmmae.data.collate import MaskCollator
+from mmmae.data.collate import MaskCollator, collate_dicts
 from mmmae.data.registry import build_dataset
-from mmmae.data.sampler import ResumableDistributedSampler, SeededDataset, mix_seed
+from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
 from mmmae.engine import dist as D
 from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_checkpoint,
                                      resolve_resume, save_checkpoint, save_safetensors)
@@ -173,13 +173,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
 
-    sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=True, seed=seed)
-    collate = MaskCollator(spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, seed=seed)
+    # A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards.
+    if hasattr(dataset, "make_batch_sampler"):
+        batch_sampler = dataset.make_batch_sampler(cfg.data.batch_size, world, rank, seed)
+    else:
+        batch_sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, world, rank, shuffle=True, seed=seed)
+    collate = MaskCollator(spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, seed=seed,
+                           collate=getattr(dataset, "collate_fn", collate_dicts))
     loader_gen = torch.Generator()
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.data.num_workers, drop_last=True, generator=loader_gen,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    batches_per_epoch = len(loader)
+    loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                        generator=loader_gen, pin_memory=device.type == "cuda", persistent_workers=False)
+    batch_sampler.set_epoch(0)
+    batches_per_epoch = len(batch_sampler)
     if batches_per_epoch < cfg.train.accum_steps:
         raise ValueError(f"the dataset gives {batches_per_epoch} batches of {cfg.data.batch_size} per process, "
                          f"fewer than train.accum_steps={cfg.train.accum_steps}; lower data.batch_size")
@@ -243,7 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lr = set_lr(step)
     end_step = min(total_steps, cfg.train.stop_at_step) if cfg.train.stop_at_step > 0 else total_steps
     while step < end_step:
-        sampler.set_epoch(epoch, start=epoch_batches * cfg.data.batch_size)
+        batch_sampler.set_epoch(epoch, start_batch=epoch_batches)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         collate.set_epoch(epoch)
