@@ -1,0 +1,250 @@
+"""Benchmarks that print figures (never assertions).
+
+Training steps:  python tools/benchmark.py --config image_mae.yaml [--vs-hf] [--precision bf16|fp32] [key=value ...]
+  Times full training steps (forward, backward, AdamW step) after warm-up and reports samples/s,
+  tokens/s, achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode on one step) and its share of the
+  matmul peak measured on the spot at the same precision. ``--vs-hf`` also builds the Hugging Face
+  transformers counterpart (ViTMAEForPreTraining / VideoMAEForPreTraining) at the same sizes, batch,
+  mask ratio and precision, times both alternately in the same run and prints the ratio.
+Data loading:    python tools/benchmark.py --data video_mae_tiny.yaml [key=value ...]
+  Decoded clips/s of the configured loader, per worker and in total, for data.num_samples 1 and 4,
+  with decord and PyAV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("mmmae.benchmark")
+
+
+def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    """Achievable dense matmul throughput at this precision, measured now (n x n x n products)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepRunner:
+    """One implementation's training step: forward, backward, optimizer step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, make_batch: Callable[[], dict], loss_of: Callable,
+                 precision: str, device: torch.device, fused_adamw: bool) -> None:
+        self.name, self.model, self.make_batch, self.loss_of = name, model.to(device).train(), make_batch, loss_of
+        self.device, self.precision = device, precision
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                     fused=fused_adamw)
+        self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_batch().items()}
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def step(self) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.loss_of(self.model, self.batch)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def timed_step(self) -> None:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.losses.append(self.step())
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+    def flops_per_step(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.loss_of(self.model, self.batch)
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return float(counter.get_total_flops())
+
+
+def _ours(cfg: Any, batch_size: int, device: torch.device, seed: int) -> tuple[torch.nn.Module, Callable[[], dict], int]:
+    from mmmae.config import model_cfg
+    from mmmae.registry import build_from_cfg, get_spec
+
+    mcfg = model_cfg(cfg.model)
+    torch.manual_seed(seed)
+    model = build_from_cfg(cfg.model.name, mcfg)
+    spec = get_spec(cfg.model.name)
+    video = getattr(mcfg, "num_frames", 0) > 0
+    key = "video" if video else "image"
+    shape = (batch_size, mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size) if video else \
+        (batch_size, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
+
+    def make_batch() -> dict:
+        g = torch.Generator().manual_seed(seed)
+        batch = {key: torch.randn(*shape, generator=g)}
+        if spec.make_mask_fn is not None:
+            batch.update(spec.make_mask_fn(mcfg)(batch_size, g, modality=key))
+        return batch
+
+    return model, make_batch, int(model.encoder.num_patches)
+
+
+def _hf(cfg: Any, ours_batch: Callable[[], dict], device: torch.device, seed: int) -> tuple[torch.nn.Module, Callable, Callable]:
+    """The transformers counterpart at the same sizes, fed the same pixels and the same mask."""
+    from mmmae.config import model_cfg
+    mcfg = model_cfg(cfg.model)
+    torch.manual_seed(seed)
+    common = dict(hidden_size=mcfg.embed_dim, num_hidden_layers=mcfg.depth, num_attention_heads=mcfg.num_heads,
+                  intermediate_size=int(mcfg.embed_dim * mcfg.mlp_ratio), image_size=mcfg.img_size,
+                  patch_size=mcfg.patch_size, num_channels=mcfg.in_chans, layer_norm_eps=1e-6,
+                  decoder_hidden_size=mcfg.decoder_embed_dim, decoder_num_hidden_layers=mcfg.decoder_depth,
+                  decoder_num_attention_heads=mcfg.decoder_num_heads,
+                  decoder_intermediate_size=int(mcfg.decoder_embed_dim * mcfg.mlp_ratio),
+                  norm_pix_loss=mcfg.norm_pix_loss)
+    if getattr(mcfg, "num_frames", 0) > 0:
+        from transformers import VideoMAEConfig, VideoMAEForPreTraining
+        hcfg = VideoMAEConfig(num_frames=mcfg.num_frames, tubelet_size=mcfg.tubelet_size, **common)
+        model = VideoMAEForPreTraining(hcfg)
+
+        def loss_of(m: torch.nn.Module, batch: dict) -> torch.Tensor:
+            return m(pixel_values=batch["video"].transpose(1, 2), bool_masked_pos=batch["mask"]).loss
+        return model, ours_batch, loss_of
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    model = ViTMAEForPreTraining(ViTMAEConfig(mask_ratio=mcfg.mask_ratio, **common))
+
+    def make_batch() -> dict:
+        b = ours_batch()
+        # ViTMAE keeps the tokens with the smallest noise: noise = mask gives exactly our mask.
+        return {"image": b["image"], "noise": b["mask"].float() + torch.rand(b["mask"].shape) * 1e-3}
+
+    def loss_of(m: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return m(pixel_values=batch["image"], noise=batch["noise"]).loss
+    return model, make_batch, loss_of
+
+
+def bench_steps(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    from mmmae.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = args.batch or cfg.data.batch_size
+    model, make_batch, tokens_per_sample = _ours(cfg, batch_size, device, args.seed)
+    runners = [StepRunner("mmmae", model, make_batch, lambda m, b: m(b)["loss"], args.precision, device,
+                          fused_adamw=True)]
+    if args.vs_hf:
+        hf_model, hf_batch, hf_loss = _hf(cfg, make_batch, device, args.seed)
+        runners.append(StepRunner("hf", hf_model, hf_batch, hf_loss, args.precision, device,
+                                  fused_adamw=args.hf_fused_adamw))
+    flops = {r.name: r.flops_per_step() for r in runners}
+    for r in runners:
+        for _ in range(args.warmup):
+            r.step()
+    # Alternate implementations step by step so drift in machine load hits both alike.
+    for _ in range(args.steps):
+        for r in runners:
+            r.timed_step()
+    peak = matmul_peak_tflops(torch.bfloat16 if args.precision == "bf16" else torch.float32, device)
+    report: dict[str, Any] = {"config": args.config, "overrides": overrides, "batch": batch_size,
+                              "precision": args.precision, "device": str(device), "threads": torch.get_num_threads(),
+                              "matmul_peak_tflops": peak, "results": {}}
+    for r in runners:
+        t = statistics.median(r.times)
+        tflops = flops[r.name] / t / 1e12
+        report["results"][r.name] = {
+            "step_s_median": t, "samples_per_s": batch_size / t, "tokens_per_s": batch_size * tokens_per_sample / t,
+            "tflops": tflops, "peak_share": tflops / peak, "gflop_per_step": flops[r.name] / 1e9,
+            "first_loss": r.losses[0], "last_loss": r.losses[-1],
+        }
+    if args.vs_hf:
+        report["speedup_vs_hf"] = report["results"]["mmmae"]["samples_per_s"] / report["results"]["hf"]["samples_per_s"]
+    return report
+
+
+def bench_data(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from mmmae.config import load_config, model_cfg
+    from mmmae.data.collate import collate_dicts
+    from mmmae.data.registry import build_dataset
+
+    results = []
+    for backend in ("decord", "pyav"):
+        for num_samples in (1, 4):
+            cfg = load_config(args.data, [*overrides, f"data.backend={backend}", f"data.num_samples={num_samples}"])
+            ds = build_dataset(cfg, "train", model_cfg(cfg.model))
+            workers = cfg.data.num_workers
+            loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=True, num_workers=workers,
+                                collate_fn=collate_dicts, generator=torch.Generator().manual_seed(0))
+            clips, t0 = 0, None
+            for i, batch in enumerate(loader):
+                if i == 1 or (t0 is None and len(loader) == 1):
+                    t0 = time.perf_counter()  # first batch pays worker start-up
+                if t0 is not None and i >= 1:
+                    clips += batch["video"].shape[0]
+                if i >= args.batches:
+                    break
+            dt = time.perf_counter() - (t0 or time.perf_counter())
+            total = clips / dt if dt > 0 and clips else float("nan")
+            results.append({"backend": backend, "num_samples": num_samples, "workers": workers,
+                            "clips_per_s": total, "clips_per_s_per_worker": total / max(workers, 1),
+                            "videos_decoded_per_s": total / num_samples})
+    return {"config": args.data, "overrides": overrides, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="training config to time (path or packaged name)")
+    p.add_argument("--data", help="config whose data loader to time")
+    p.add_argument("--vs-hf", action="store_true", help="time the Hugging Face counterpart in the same run")
+    p.add_argument("--hf-fused-adamw", action="store_true", help="give Hugging Face the fused AdamW kernel too")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: data.batch_size)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batches", type=int, default=8, help="loader batches to time with --data")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the report here")
+    args, overrides = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not args.config and not args.data:
+        p.error("give --config (training steps) or --data (loader)")
+    report = bench_data(args, overrides) if args.data else bench_steps(args, overrides)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
