@@ -152,13 +152,28 @@ def _build_classifier(cfg: ClassifierCfg) -> Classifier:
     return Classifier(cfg)
 
 
+def vision_encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    """The ``prefix``-ed weights of a pretraining state dict that an image/video ``VisionEncoder`` takes,
+    keys without the prefix.
+
+    Multimodal encoders (M3AE) add a learned image type embedding to every patch token: a constant
+    offset, so it folds exactly into the patch projection's bias; their text-only weights are left out.
+    """
+    enc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out = {k: v for k, v in enc.items() if not k.startswith(("text_embed", "type_embed"))}
+    if "type_embed.image" in enc and "patch_embed.proj.bias" in enc:
+        bias = enc["patch_embed.proj.bias"]
+        out["patch_embed.proj.bias"] = bias + enc["type_embed.image"].reshape(-1).to(bias.dtype)
+    return out
+
+
 def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder."
                          ) -> tuple[list[str], list[str]]:
     """Load the ``encoder.*`` part of a pretraining checkpoint into ``model.encoder``.
 
     Returns (missing, unexpected) encoder keys; position tables are fixed buffers and never stored.
     """
-    enc_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    enc_state = vision_encoder_state(state, prefix)
     if not enc_state:
         raise KeyError(f"checkpoint has no keys under {prefix!r}; first keys: {list(state)[:5]}")
     result = model.encoder.load_state_dict(enc_state, strict=False)

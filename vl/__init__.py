@@ -1,0 +1,6 @@
+"""Vision-language methods: M3AE; text tokenizers; caption datasets; retrieval."""
+
+from mmmae.vl import sources  # noqa: F401  (registers the ``captions`` data source)
+from mmmae.vl.models import M3AE, M3AECfg, MultimodalEncoder
+
+__all__ = ["M3AE", "M3AECfg", "MultimodalEncoder"]

@@ -102,7 +102,10 @@ def _convert_hf_blocks(items: dict[str, torch.Tensor], src: str, dst: str, out: 
         else:
             raise KeyError(f"unrecognised Hugging Face key {k!r}")
     for (i, kind), parts in qkv.items():
-        if kind == "bias" and len(parts) < 3 and qv_bias:
+        if kind == "bias" and qv_bias and sorted(parts) == [0, 2]:
+            # transformers 5 keeps VideoMAE's q/v biases as the query/value Linear biases (key has none).
+            out[f"{dst}.{i}.attn.q_bias"] = parts[0]
+            out[f"{dst}.{i}.attn.v_bias"] = parts[2]
             continue
         if len(parts) != 3:
             raise KeyError(f"layer {i}: incomplete q/k/v {kind} in the checkpoint")

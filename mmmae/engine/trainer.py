@@ -204,12 +204,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         engine.compile()
 
     step, epoch, epoch_batches = 0, 0, 0
-    nonfinite_total, skipped_total = 0, 0
+    nonfinite_total = 0
+    # Unreadable inputs the datasets skipped, by batch counter (skipped_videos, skipped_images).
+    skipped: dict[str, int] = {"skipped_videos": 0}
     resume_from = resolve_resume(cfg.resume, out_dir)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
-        nonfinite_total, skipped_total = state.get("nonfinite_total", 0), state.get("skipped_total", 0)
+        nonfinite_total = state.get("nonfinite_total", 0)
+        skipped.update(state.get("skipped", {}))
         if D.is_main():
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, epoch_batches)
 
@@ -241,7 +244,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     def checkpoint_now() -> Path:
         client = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches,
-                  "nonfinite_total": nonfinite_total, "skipped_total": skipped_total}
+                  "nonfinite_total": nonfinite_total, "skipped": dict(skipped)}
         return save_checkpoint(engine, out_dir, step, client, cfg.train.keep_last)
 
     engine.train()
@@ -255,7 +258,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loader_gen.manual_seed(mix_seed(seed, epoch, "workers"))
         for batch in loader:
             epoch_batches += 1
-            skipped_total += int(sum(v for k, v in batch.items() if k.startswith("skipped_") and isinstance(v, int)))
+            for k, v in batch.items():
+                if k.startswith("skipped_") and isinstance(v, int):
+                    skipped[k] = skipped.get(k, 0) + v
             batch = _batch_to(batch, device)
             if mixup is not None:
                 batch = apply_mixup(mixup, batch)
@@ -297,10 +302,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 means = D.all_reduce_mean({k: v / max(acc_n, 1) for k, v in acc.items()})
                 samples = D.all_reduce_sum(window_samples)
                 tokens = D.all_reduce_sum(window_tokens)
-                skipped_all = int(D.all_reduce_sum(skipped_total))
+                skipped_all = {k: int(D.all_reduce_sum(v)) for k, v in sorted(skipped.items())}
                 last_record = {"step": step, "epoch": epoch + epoch_batches / batches_per_epoch, **means,
                                "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
-                               "tokens_per_s": tokens / elapsed, "skipped_videos": skipped_all,
+                               "tokens_per_s": tokens / elapsed, **skipped_all,
                                "nonfinite_steps": nonfinite_total}
                 metrics.log(last_record)
                 if bar is not None:

@@ -1,0 +1,89 @@
+"""The ``captions`` data source: image-caption pairs for M3AE pretraining.
+
+``data.dataset: captions`` reads ``data.captions`` / ``data.images`` for the train split and
+``data.val_captions`` / ``data.val_images`` for val (any format ``mmmae.vl.data`` knows: COCO json,
+Karpathy json, csv/jsonl pairs). Captions are tokenized with ``text.tokenizer`` to ``text.max_len``
+positions, which must match the model's ``max_len`` and fit its ``vocab_size``.
+
+Train images go through M3AE's pretraining transform (MAE's: RandomResizedCrop(img_size,
+scale=(data.min_scale, 1)), optional flip, normalisation); val images through M3AE's test transform
+(resize the short side to img_size, centre crop). Normalisation is ImageNet's (the reference's
+default for CC12M used CC12M's own statistics).
+
+Samples are dicts (``image``, ``text``, ``text_pad``, ``caption``, ``image_id``, ``index``,
+``skipped``) that the engine's default ``collate_dicts`` stacks; the dataset also carries
+``collate_fn = collate_captions``, which names the skipped-image count ``skipped_images``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from mmmae.data.registry import register_dataset
+from mmmae.vl.data import CaptionDataset, Transform, build_caption_dataset, collate_captions
+from mmmae.vl.tokenizers import TextTokenizer, build_tokenizer
+
+
+class FirstItems(Dataset):
+    """The first ``limit`` items of a caption dataset (``data.limit``), keeping ``set_epoch`` and
+    ``collate_fn`` (``torch.utils.data.Subset`` drops both)."""
+
+    def __init__(self, dataset: CaptionDataset, limit: int) -> None:
+        self.dataset, self.limit = dataset, min(limit, len(dataset))
+        self.collate_fn = collate_captions
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.limit:
+            raise IndexError(f"index {index} out of range for {self.limit} items")
+        return self.dataset[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def check_text_fits_model(tokenizer: TextTokenizer, model_cfg: Any) -> None:
+    """The tokenizer's length and vocabulary must match the model's text table and embedding."""
+    max_len = getattr(model_cfg, "max_len", None)
+    vocab = getattr(model_cfg, "vocab_size", None)
+    if max_len is not None and tokenizer.max_len != max_len:
+        raise ValueError(f"text.max_len={tokenizer.max_len} but model.max_len={max_len}; set both to the same value")
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"the tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size={vocab}; "
+                         f"set model.vocab_size={tokenizer.vocab_size}")
+
+
+def caption_transform(cfg: Any, model_cfg: Any, split: str) -> Transform:
+    from mmmae.data.transforms import eval_transform, mae_train_transform
+    if split == "train":
+        return mae_train_transform(model_cfg.img_size, scale=(cfg.data.min_scale, 1.0), hflip=cfg.data.hflip)
+    return eval_transform(model_cfg.img_size, crop_pct=1.0)  # M3AE's "test": Resize(size) + CenterCrop(size)
+
+
+@register_dataset("captions")
+def build_captions(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    """``(TrainCfg, "train" | "val", model config) -> Dataset`` of tokenized image-caption pairs."""
+    if split == "train":
+        captions, images, keys = cfg.data.captions, cfg.data.images, "data.captions / data.images"
+    else:
+        captions, images, keys = cfg.data.val_captions, cfg.data.val_images, "data.val_captions / data.val_images"
+    if not captions:
+        raise ValueError(f"data.dataset=captions needs {keys} for the {split} split (a COCO/Karpathy json, "
+                         f"csv/jsonl pairs) and its image folder")
+    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.max_len)
+    check_text_fits_model(tokenizer, model_cfg)
+    ds = build_caption_dataset(captions, images, caption_transform(cfg, model_cfg, split), tokenizer,
+                               split=split, mode=cfg.data.caption_mode, seed=cfg.train.seed,
+                               max_bad_fraction=cfg.data.max_bad_fraction)
+    if not isinstance(ds, CaptionDataset):
+        # The trainer draws indices with a (resumable, distributed) sampler, which needs a map-style set.
+        raise ValueError(f"{keys}={captions!r} names tar shards, which stream; the training engine needs a "
+                         f"map-style source (a COCO/Karpathy json or csv/jsonl pairs beside an image folder)")
+    if cfg.data.limit:
+        return FirstItems(ds, cfg.data.limit)
+    ds.collate_fn = collate_captions  # type: ignore[attr-defined]
+    return ds
