@@ -136,7 +136,8 @@ def find_config(name: str) -> Path:
 
 
 def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Load a YAML; a top-level ``base: other.yaml`` is loaded first and this file merged over it."""
+    """Load a YAML; a top-level ``base: other.yaml`` is loaded first and this file merged over it
+    (the ``model`` block too, unless this file names a different ``model.name``)."""
     if path.resolve() in seen:
         raise ConfigError(f"config inheritance loops through {path}")
     node = OmegaConf.load(path)
@@ -146,7 +147,13 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if base is None:
         return node
     base_path = (path.parent / base) if (path.parent / base).is_file() else find_config(base)
-    return OmegaConf.merge(_load_yaml_chain(base_path, seen + (path.resolve(),)), node)  # type: ignore[return-value]
+    parent = _load_yaml_chain(base_path, seen + (path.resolve(),))
+    # A config that switches method (e.g. a classifier on top of a pretraining recipe) starts its
+    # model block afresh: the other method's fields would not fit.
+    child_name = node.get("model", {}).get("name") if isinstance(node.get("model"), DictConfig) else None
+    if child_name and parent.get("model") is not None and parent.model.get("name") != child_name:
+        parent.pop("model")
+    return OmegaConf.merge(parent, node)  # type: ignore[return-value]
 
 
 def _check_keys(node: Any, schema: type, prefix: str) -> None:
