@@ -1,0 +1,8 @@
+"""Video methods (VideoMAE, OmniMAE, BEVT-style) and video data: decoding, clip sampling, transforms,
+datasets and the ``data.dataset`` sources they register."""
+
+from mmmae.video import sources  # noqa: F401  (registers the video data sources)
+from mmmae.video.models import (BEVT, BEVTCfg, BEVTSpatial, BEVTSpatialCfg, OmniMAE, OmniMAECfg, VideoMAE,
+                                VideoMAECfg)
+
+__all__ = ["BEVT", "BEVTCfg", "BEVTSpatial", "BEVTSpatialCfg", "OmniMAE", "OmniMAECfg", "VideoMAE", "VideoMAECfg"]

@@ -1,0 +1,656 @@
+"""Video masked autoencoders on the shared ViT trunk: VideoMAE (with VideoMAEv2 decoder masking),
+OmniMAE (one model for images and videos) and a BEVT-style two-stage model (``bevt_spatial`` then
+``bevt``).
+
+Position tables. All three default to VideoMAE's fixed 1-D sin-cos table over the flattened t*h*w
+tokens (``pos_embed="sincos_1d"``), which is also what OmniMAE's reference code uses. Because tokens
+are t-major, the first h*w rows of that table are the t=0 slice: an image (a static clip of one
+tubelet) takes exactly those rows (OmniMAE's ``interpolate_pos_encoding`` "zeroth frame" rule), and an
+image model built with ``sincos_1d`` has that same table, which is what lets BEVT's spatial stage hand
+its weights to the video stage without any position mismatch. The 3-D separable ``"sincos"`` table is
+t-major too, so the same slicing is valid with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mmmae.decoder import MAEDecoder
+from mmmae.encoder import MaskedEncoder, VisionEncoder
+from mmmae.heads import EncoderCfg, build_vision_encoder
+from mmmae.layers.patchify import patchify_video, unpatchify_video
+from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_3d
+from mmmae.masking import (block_mask, check_mask, gather_tokens, mask_to_indices, random_mask, running_cell_mask,
+                           tube_mask)
+from mmmae.registry import MaskFn, register_model
+from mmmae.targets import IMAGENET_MEAN, IMAGENET_STD, HOGTarget, image_pixel_target, masked_mse, video_pixel_target
+
+__all__ = [
+    "VideoMAECfg", "VideoMAE", "OmniMAECfg", "OmniMAE", "BEVTSpatialCfg", "BEVTSpatial", "BEVTCfg", "BEVT",
+    "decoder_keep_mask", "video_panel",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def run_trunk(encoder: MaskedEncoder, tokens: torch.Tensor, pos: torch.Tensor, *,
+              ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The trunk on tokens the caller made (e.g. an image through a video tokenizer) with a position
+    table the caller chose: tokens (B, L, D), pos (1, L, D) -> normed (B, [1+]K or [1+]L, D)."""
+    x, _ = encoder.prepare_tokens(tokens, pos=pos, ids_keep=ids_keep, mask=mask)
+    for x in encoder.iter_blocks(x):
+        pass
+    return encoder.norm(x)
+
+
+def check_image(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> None:
+    expected = (in_chans, *img_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+
+def image_as_tubelet_tokens(encoder: VisionEncoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, h*w, D): the image repeated over one tubelet's frames (OmniMAE's
+    ``PadIm2Video(ntimes=2, pad_type="repeat")``) through the 3-D tokenizer. With an inflated kernel
+    (BEVT) this equals the 2-D patch embedding of the image."""
+    pe = encoder.patch_embed
+    check_image(images, pe.in_chans, pe.img_size)
+    clip = images.unsqueeze(2).expand(-1, -1, pe.tubelet_size, -1, -1)
+    return pe.proj(clip.to(pe.proj.weight.dtype)).flatten(2).transpose(1, 2)
+
+
+def _grid3(cfg: EncoderCfg) -> tuple[int, int, int]:
+    g = cfg.img_size // cfg.patch_size
+    return cfg.num_frames // cfg.tubelet_size, g, g
+
+
+def _denorm_video(v: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=v.device)[None, :, None, None, None]
+    std = torch.tensor(IMAGENET_STD, device=v.device)[None, :, None, None, None]
+    return v.float() * std + mean
+
+
+def video_panel(video: torch.Tensor, pred: torch.Tensor, shown: torch.Tensor, patch_size: int, tubelet_size: int,
+                norm_pix: bool, max_rows: int = 2, max_frames: int = 4) -> torch.Tensor:
+    """A picture of a video reconstruction, in [0, 1]: for each of up to ``max_rows`` samples three
+    strips (original | masked input | reconstruction with the visible patches pasted back) of up to
+    ``max_frames`` frames (the first frame of evenly spaced tubelets).
+
+    video (B, 3, T, H, W) normalised; pred (B, L, pt*p*p*3) in the VideoMAE target layout; shown (B, L)
+    bool marks the tokens whose prediction is drawn (the hidden ones). With the per-channel
+    normalised target, predictions are mapped back with the original tubelet's statistics.
+    -> (3, rows*3*H, frames*W).
+    """
+    n = min(max_rows, video.shape[0])
+    v = _denorm_video(video[:n].detach().cpu()).clamp(0, 1)
+    pred = pred[:n].detach().float().cpu()
+    shown = shown[:n].cpu()
+    b, c, t, h, w = v.shape
+    grid = (t // tubelet_size, h // patch_size, w // patch_size)
+    if norm_pix:
+        tgt = patchify_video(v, patch_size, tubelet_size, split_channels=True)  # (B, L, P, C)
+        mean, std = tgt.mean(dim=-2, keepdim=True), tgt.var(dim=-2, keepdim=True).sqrt() + 1e-6
+        pred = (rearrange(pred, "b l (p c) -> b l p c", c=c) * std + mean).flatten(2)
+    rec = unpatchify_video(pred, patch_size, tubelet_size, grid, c).clamp(0, 1)
+    pix = unpatchify_video(shown[..., None].float().expand(-1, -1, pred.shape[-1]), patch_size, tubelet_size,
+                           grid, c)
+    masked = v * (1 - pix) + 0.1 * pix  # hidden patches show dark
+    pasted = v * (1 - pix) + rec * pix
+    frames = sorted({int(i) * tubelet_size for i in torch.linspace(0, grid[0] - 1, min(max_frames, grid[0]))})
+    rows = []
+    for i in range(n):
+        for strip in (v, masked, pasted):
+            rows.append(torch.cat([strip[i, :, f] for f in frames], dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# VideoMAE
+
+
+@dataclass
+class VideoMAECfg(EncoderCfg):
+    """VideoMAE ViT-B/16, 16x224 (Tong et al. 2022; MCG-NJU/VideoMAE ``pretrain_videomae_base_patch16_224``
+    with ``--decoder_depth 4``): q/v biases, no [cls], VideoMAE's 1-D sin-cos table, a 384-wide 4-block
+    6-head decoder (ViT-S 192/3 heads, ViT-L 512/8, ViT-H 640/8; depth 4 for all), 90% tube masking,
+    per-channel normalised tubelet target."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    num_frames: int = 16
+    tubelet_size: int = 2
+    pos_embed: str = "sincos_1d"
+    qkv_bias: str = "qv"
+    cls_token: bool = False
+    decoder_embed_dim: int = 384
+    decoder_depth: int = 4
+    decoder_num_heads: int = 6
+    mask_ratio: float = 0.9
+    # VideoMAEv2 decoder masking: 0 = off (decode every hidden token); 0.5 = running-cell masking that
+    # leaves half of the hidden tokens to reconstruct.
+    decoder_mask_ratio: float = 0.0
+    norm_pix_loss: bool = True
+
+
+def decoder_keep_mask(mask: torch.Tensor, grid_size: tuple[int, int, int], decoder_mask_ratio: float, *,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """VideoMAEv2's decoder mask for an encoder mask: (B, L) bool, True = not reconstructed.
+
+    Starts from the running-cell mask (``mmmae.masking.running_cell_mask``) and then moves as few
+    positions as needed, at random, so every sample leaves exactly ``N = round(M * kept share)``
+    hidden tokens to reconstruct (M hidden tokens, kept share = 1 - int(4 * ratio) / 4, the running
+    cell's share): a batch needs a common count, and the raw intersection of a random tube mask with
+    the running cell varies by sample. Positions visible to the encoder are left as the running cell
+    has them; the model only decodes hidden ones.
+    """
+    b, n = mask.shape
+    m = check_mask(mask, n)
+    rc = running_cell_mask(b, grid_size, decoder_mask_ratio, generator=generator)
+    kept_share = 1.0 - int(4 * decoder_mask_ratio) / 4
+    target = int(round(m * kept_share))
+    noise = torch.rand(b, n, generator=generator)
+    out = rc.clone()
+    for i in range(b):
+        cand = (mask[i] & ~rc[i]).nonzero().squeeze(1)
+        if len(cand) > target:
+            out[i, cand[noise[i, cand].argsort()[target:]]] = True
+        elif len(cand) < target:
+            extra = (mask[i] & rc[i]).nonzero().squeeze(1)
+            out[i, extra[noise[i, extra].argsort()[: target - len(cand)]]] = False
+    return out
+
+
+class VideoMAE(nn.Module):
+    """VideoMAE: tube-masked tubelets, the encoder sees only visible tokens, a light decoder predicts
+    the hidden tubelets' per-channel normalised pixels.
+
+    ``forward(batch)``: ``batch["video"]`` (B, 3, T, H, W) ImageNet-normalised, optional
+    ``batch["mask"]`` (B, L) bool tube mask (True = hidden), optional ``batch["decode_mask"]`` (B, L)
+    bool (True = not reconstructed; VideoMAEv2). Returns ``loss``, ``mse_loss``, ``pred`` and ``mask``.
+    ``pred`` is (B, L, pt*p*p*3) (every position; the loss uses the hidden ones), or with decoder
+    masking (B, N, pt*p*p*3) for the N decoded hidden tokens in token order, marked by ``decoded``
+    (B, L).
+
+    Decoder masking (VideoMAEv2, Wang et al. 2023, sec. 3.2): the decoder runs on the visible tokens
+    plus mask tokens at the hidden positions the decoder mask keeps, and the loss counts exactly those
+    hidden positions. (The reference code also puts mask tokens, and a loss, on kept positions that the
+    encoder saw; we reconstruct hidden tokens only.)
+    """
+
+    def __init__(self, cfg: VideoMAECfg) -> None:
+        super().__init__()
+        if cfg.num_frames <= 0:
+            raise ValueError(f"videomae needs num_frames > 0, got {cfg.num_frames}")
+        if not 0.0 <= cfg.decoder_mask_ratio < 1.0:
+            raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {cfg.decoder_mask_ratio}")
+        self.cfg = cfg
+        self.encoder = build_vision_encoder(cfg)
+        self.grid_size = self.encoder.grid_size
+        out_dim = cfg.tubelet_size * cfg.patch_size**2 * cfg.in_chans
+        num_patches = self.encoder.num_patches
+        table = sincos_pos_embed_1d(cfg.decoder_embed_dim, num_patches, interleave=True) \
+            if cfg.pos_embed == "sincos_1d" else sincos_pos_embed_3d(cfg.decoder_embed_dim, self.grid_size)
+        self.decoder = MAEDecoder(
+            cfg.embed_dim, out_dim, table, decoder_embed_dim=cfg.decoder_embed_dim,
+            decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
+            num_prefix_tokens=self.encoder.num_prefix_tokens, qkv_bias=cfg.qkv_bias,
+            attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
+        # VideoMAE's encoder_to_decoder has no bias (modeling_pretrain.py); released weights have none.
+        self.decoder.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        self.decoder.init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | \
+            {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def target(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, L, pt*p*p*3), VideoMAE's target (unnormalise, per-channel norm)."""
+        return video_pixel_target(video, self.cfg.patch_size, self.cfg.tubelet_size, self.cfg.norm_pix_loss)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        video = batch["video"]
+        b, num = video.shape[0], self.encoder.num_patches
+        mask = batch.get("mask")
+        if mask is None:
+            mask = tube_mask(b, self.grid_size, self.cfg.mask_ratio).to(video.device)
+        check_mask(mask, num)
+        decode_mask = batch.get("decode_mask")
+        if decode_mask is None and self.cfg.decoder_mask_ratio > 0:
+            decode_mask = decoder_keep_mask(mask.cpu(), self.grid_size, self.cfg.decoder_mask_ratio).to(video.device)
+        idx = mask_to_indices(mask)
+        latent = self.encoder.forward_features(video, ids_keep=idx.ids_keep)
+        target = self.target(video)
+        if decode_mask is None:
+            pred = self.decoder(latent, idx.ids_restore)  # (B, L, P)
+            loss = masked_mse(pred, target, mask)
+            return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask}
+
+        if decode_mask.dtype != torch.bool or decode_mask.shape != mask.shape:
+            raise ValueError(f"decode_mask must be a bool tensor shaped like mask {tuple(mask.shape)}, got "
+                             f"{decode_mask.dtype} {tuple(decode_mask.shape)}")
+        decoded = mask & ~decode_mask  # hidden tokens the decoder reconstructs
+        counts = decoded.sum(dim=1)
+        if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+            raise ValueError("decode_mask must leave the same, non-zero number of hidden tokens to reconstruct in "
+                             f"every sample; got {counts.tolist()} (make it with decoder_keep_mask)")
+        # Decoder input: every visible token (context) + mask tokens at the decoded hidden positions.
+        ids_decode = mask_to_indices(~(decoded | ~mask)).ids_keep  # (B, K+N), token order
+        out = self.decoder(latent, idx.ids_restore, ids_decode=ids_decode)  # (B, K+N, P)
+        ids_dec = mask_to_indices(~decoded).ids_keep  # (B, N) decoded hidden positions, token order
+        sel = torch.gather(decoded, 1, ids_decode)  # which decoder outputs are decoded hidden tokens
+        pred = out[sel].view(b, -1, out.shape[-1])  # (B, N, P), token order like ids_dec
+        loss = F.mse_loss(pred.float(), gather_tokens(target, ids_dec).float())
+        return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask, "decoded": decoded}
+
+    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        pred, shown = out["pred"], out.get("decoded", out["mask"])
+        if pred.shape[1] != shown.shape[1]:  # decoder masking: scatter the decoded tokens back
+            full = pred.new_zeros(pred.shape[0], shown.shape[1], pred.shape[-1])
+            full[shown] = pred.reshape(-1, pred.shape[-1])
+            pred = full
+        return video_panel(batch["video"], pred, shown, self.cfg.patch_size, self.cfg.tubelet_size,
+                           self.cfg.norm_pix_loss)
+
+
+def _videomae_mask_fn(cfg: VideoMAECfg) -> MaskFn:
+    grid = _grid3(cfg)
+
+    def make(batch_size: int, generator: torch.Generator | None, modality: str = "video") -> dict[str, torch.Tensor]:
+        mask = tube_mask(batch_size, grid, cfg.mask_ratio, generator=generator)
+        out = {"mask": mask}
+        if cfg.decoder_mask_ratio > 0:
+            out["decode_mask"] = decoder_keep_mask(mask, grid, cfg.decoder_mask_ratio, generator=generator)
+        return out
+    return make
+
+
+@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn)
+def _build_videomae(cfg: VideoMAECfg) -> VideoMAE:
+    return VideoMAE(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# OmniMAE
+
+
+@dataclass
+class OmniMAECfg(EncoderCfg):
+    """OmniMAE ViT-B/16 (Girdhar et al. 2023; facebookresearch/omnivore ``omnimae``): 2x16x16 tubelets,
+    qkv biases, no [cls], fixed 1-D sin-cos table (images take its t=0 slice), decoder 384 wide, 4 blocks,
+    16 heads. Mask ratios default to the public config (images 0.75, videos 0.9); the paper uses 0.9 /
+    0.95 (``configs/omnimae_paper.yaml``)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    num_frames: int = 16
+    tubelet_size: int = 2
+    pos_embed: str = "sincos_1d"
+    cls_token: bool = False
+    decoder_embed_dim: int = 384
+    decoder_depth: int = 4
+    decoder_num_heads: int = 16
+    image_mask_ratio: float = 0.75
+    video_mask_ratio: float = 0.9
+    norm_pix_loss: bool = True  # per tubelet and channel, after unnormalising (omnivision MAELoss)
+
+
+class OmniMAE(nn.Module):
+    """One encoder and one decoder for images and videos.
+
+    A video (B, 3, T, H, W) is tokenized by tubelets; an image (B, 3, H, W) is repeated over one
+    tubelet's frames, so it becomes h*w tokens that take the t=0 rows of the position tables. Random
+    (not tube) masking per modality; the target is the (repeated) tubelet's per-channel normalised
+    pixels for both, so one prediction head serves both.
+
+    ``forward(batch)``: ``batch["video"]`` or ``batch["image"]`` (one modality per batch, as the mixed
+    sampler makes them), optional ``batch["mask"]`` (B, L) with L = T/pt*h*w or h*w. Returns ``loss``,
+    ``mse_loss``, ``pred`` (B, L, pt*p*p*3) and ``mask``.
+
+    Difference from the reference code: omnivision inserts encoder-width mask tokens and adds an
+    encoder-width table before projecting to the decoder; we use MAE's order (project, mask tokens,
+    decoder-width table), the one decoder every mmmae method shares.
+    """
+
+    def __init__(self, cfg: OmniMAECfg) -> None:
+        super().__init__()
+        if cfg.num_frames <= 0:
+            raise ValueError(f"omnimae needs num_frames > 0, got {cfg.num_frames}")
+        self.cfg = cfg
+        self.encoder = build_vision_encoder(cfg)
+        self.grid_size = self.encoder.grid_size
+        self.num_image_tokens = self.grid_size[1] * self.grid_size[2]
+        out_dim = cfg.tubelet_size * cfg.patch_size**2 * cfg.in_chans
+        table = sincos_pos_embed_1d(cfg.decoder_embed_dim, self.encoder.num_patches, interleave=True) \
+            if cfg.pos_embed == "sincos_1d" else sincos_pos_embed_3d(cfg.decoder_embed_dim, self.grid_size)
+        self.decoder = MAEDecoder(
+            cfg.embed_dim, out_dim, table, decoder_embed_dim=cfg.decoder_embed_dim,
+            decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
+            num_prefix_tokens=self.encoder.num_prefix_tokens, qkv_bias=cfg.qkv_bias,
+            attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        self.decoder.init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | \
+            {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def mask_ratio(self, modality: str) -> float:
+        return self.cfg.image_mask_ratio if modality == "image" else self.cfg.video_mask_ratio
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        modality = "video" if "video" in batch else "image"
+        x = batch[modality]
+        enc = self.encoder
+        if modality == "video":
+            tokens, pos, clip = enc.tokenize(x), enc.pos_embed, x
+        else:
+            tokens = image_as_tubelet_tokens(enc, x)
+            pos = enc.pos_embed[:, : self.num_image_tokens]  # the t=0 slice
+            clip = x.unsqueeze(2).expand(-1, -1, self.cfg.tubelet_size, -1, -1)
+        b, num = tokens.shape[:2]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = random_mask(b, num, self.mask_ratio(modality)).to(x.device)
+        check_mask(mask, num)
+        idx = mask_to_indices(mask)
+        latent = run_trunk(enc, tokens, pos, ids_keep=idx.ids_keep)
+        if modality == "video":
+            pred = self.decoder(latent, idx.ids_restore)
+        else:
+            # The decoder's table covers the video's L positions: lay the image out as the t=0 slice of a
+            # clip whose other slices are all hidden, and decode only that slice.
+            full = torch.cat([mask, mask.new_ones(b, enc.num_patches - num)], dim=1)
+            ids_decode = torch.arange(num, device=x.device).expand(b, -1)
+            pred = self.decoder(latent, mask_to_indices(full).ids_restore, ids_decode=ids_decode)
+        target = video_pixel_target(clip, self.cfg.patch_size, self.cfg.tubelet_size, self.cfg.norm_pix_loss)
+        loss = masked_mse(pred, target, mask)
+        return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask}
+
+    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return video_panel(batch["video"], out["pred"], out["mask"], self.cfg.patch_size, self.cfg.tubelet_size,
+                           self.cfg.norm_pix_loss)
+
+
+def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
+    t, h, w = _grid3(cfg)
+
+    def make(batch_size: int, generator: torch.Generator | None, modality: str = "video") -> dict[str, torch.Tensor]:
+        if modality == "image":
+            return {"mask": random_mask(batch_size, h * w, cfg.image_mask_ratio, generator=generator)}
+        return {"mask": random_mask(batch_size, t * h * w, cfg.video_mask_ratio, generator=generator)}
+    return make
+
+
+@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn)
+def _build_omnimae(cfg: OmniMAECfg) -> OmniMAE:
+    return OmniMAE(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BEVT-style: spatial (image) stage, then joint image + video stage
+
+
+def _check_target(target: str) -> None:
+    if target not in ("pixel", "hog"):
+        raise ValueError(f"BEVT target must be 'pixel' or 'hog', got {target!r}")
+
+
+class _FrameTarget(nn.Module):
+    """Per-image targets (BEVT reconstructs each frame like an image): pixels normalised per patch
+    (MAE) or HOG (MaskFeat). (B, C, H, W) -> (B, L, P); videos go frame by frame and then group by
+    tubelet: (B, C, T, H, W) -> (B, T/pt*h*w, pt*P), each tubelet's frames in time order, so a static
+    clip's target is the image's target repeated pt times."""
+
+    def __init__(self, target: str, patch_size: int, in_chans: int, norm_pix: bool) -> None:
+        super().__init__()
+        _check_target(target)
+        self.patch_size, self.norm_pix = patch_size, norm_pix
+        self.hog = HOGTarget(patch_size) if target == "hog" else None
+        self.dim = self.hog.out_dim(in_chans) if self.hog is not None else patch_size**2 * in_chans
+
+    def forward(self, x: torch.Tensor, tubelet_size: int = 0) -> torch.Tensor:
+        if x.ndim == 4:
+            return self.hog(x) if self.hog is not None else image_pixel_target(x, self.patch_size, self.norm_pix)
+        b, t = x.shape[0], x.shape[2]
+        per_frame = self(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, L2, P)
+        return rearrange(per_frame, "(b t u) l p -> b (t l) (u p)", b=b, t=t // tubelet_size, u=tubelet_size)
+
+
+@dataclass
+class BEVTSpatialCfg(EncoderCfg):
+    """BEVT stage 1 (Wang et al. 2022): BEiT-style masked image modelling with mask tokens inside the
+    encoder and a linear head. BEVT predicts DALL-E tokens; we predict pixels or HOG (``target``).
+    Block-wise masking of 50% (BEVT's 98 of 196 patches) with SimMIM's fixed blocks. No [cls] and
+    VideoMAE's 1-D table, so the weights inflate into ``bevt`` with identical image positions."""
+
+    pos_embed: str = "sincos_1d"
+    cls_token: bool = False
+    mask_ratio: float = 0.5
+    mask_patch_size: int = 32  # pixels
+    target: str = "pixel"
+    norm_pix_loss: bool = True
+
+
+class BEVTSpatial(nn.Module):
+    """``forward(batch)``: ``batch["image"]`` (B, C, H, W), optional ``batch["mask"]`` (B, L) block mask.
+    Returns ``loss``, ``mse_loss``, ``pred`` (B, L, P) and ``mask``."""
+
+    def __init__(self, cfg: BEVTSpatialCfg) -> None:
+        super().__init__()
+        if cfg.num_frames:
+            raise ValueError("bevt_spatial is the image stage: num_frames must be 0 (the video stage is 'bevt')")
+        if cfg.mask_patch_size % cfg.patch_size:
+            raise ValueError(f"mask_patch_size {cfg.mask_patch_size} must be a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.encoder = build_vision_encoder(cfg, mask_token=True)
+        self.grid_size = self.encoder.grid_size
+        self.frame_target = _FrameTarget(cfg.target, cfg.patch_size, cfg.in_chans, cfg.norm_pix_loss)
+        self.head = nn.Linear(cfg.embed_dim, self.frame_target.dim)
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        imgs = batch["image"]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = _bevt_spatial_mask_fn(self.cfg)(imgs.shape[0], None)["mask"].to(imgs.device)
+        check_mask(mask, self.encoder.num_patches)
+        z = self.encoder.forward_features(imgs, mask=mask)[:, self.encoder.num_prefix_tokens:]
+        pred = self.head(z)
+        loss = masked_mse(pred, self.frame_target(imgs), mask)
+        return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask}
+
+
+def _block_grid(cfg: EncoderCfg, mask_patch_size: int) -> tuple[tuple[int, int], int]:
+    g = cfg.img_size // cfg.patch_size
+    return (g, g), mask_patch_size // cfg.patch_size
+
+
+def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
+    grid, s = _block_grid(cfg, cfg.mask_patch_size)
+    return lambda b, g, modality="image": {"mask": block_mask(b, grid, cfg.mask_ratio, mask_patch_size=s, generator=g)}
+
+
+@register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn)
+def _build_bevt_spatial(cfg: BEVTSpatialCfg) -> BEVTSpatial:
+    return BEVTSpatial(cfg)
+
+
+@dataclass
+class BEVTCfg(EncoderCfg):
+    """BEVT stage 2: the stage-1 encoder inflated to tubelets, trained on both streams every step.
+    Image stream: block-wise masking; video stream: tube masking; both with mask tokens inside the
+    encoder. BEVT's reference uses 50% for both (98 of 196) and loss weights 1.0 / 1.0."""
+
+    num_frames: int = 16
+    tubelet_size: int = 2
+    pos_embed: str = "sincos_1d"
+    cls_token: bool = False
+    image_mask_ratio: float = 0.5
+    mask_patch_size: int = 32  # pixels, image stream blocks
+    video_mask_ratio: float = 0.5
+    target: str = "pixel"
+    norm_pix_loss: bool = True
+    image_loss_weight: float = 1.0
+    video_loss_weight: float = 1.0
+
+
+class BEVT(nn.Module):
+    """BEVT-style joint image + video masked modelling on one encoder.
+
+    ``forward(batch)``: ``batch["video"]`` (B, 3, T, H, W) with ``batch["mask"]`` (B, L) tube mask and/or
+    ``batch["image"]`` (B', 3, H, W) with ``batch["image_mask"]`` (B', h*w) block mask; BEVT runs both
+    every iteration. Images go through the video tokenizer as static one-tubelet clips and take the
+    t=0 rows of the position table. Returns ``loss`` (weighted sum), ``video_loss`` / ``image_loss``,
+    ``pred`` / ``mask`` (video) and ``image_pred`` / ``image_mask``.
+
+    ``load_pretrained(state)`` takes a ``bevt_spatial`` state: the 2-D patch kernel is inflated
+    (``TubeletEmbed3d.inflate_from_2d``), the image head is loaded and the video head starts as the
+    image head applied to each frame of the tubelet.
+    """
+
+    def __init__(self, cfg: BEVTCfg) -> None:
+        super().__init__()
+        if cfg.num_frames <= 0:
+            raise ValueError(f"bevt needs num_frames > 0, got {cfg.num_frames}")
+        if cfg.mask_patch_size % cfg.patch_size:
+            raise ValueError(f"mask_patch_size {cfg.mask_patch_size} must be a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.encoder = build_vision_encoder(cfg, mask_token=True)
+        self.grid_size = self.encoder.grid_size
+        self.num_image_tokens = self.grid_size[1] * self.grid_size[2]
+        self.frame_target = _FrameTarget(cfg.target, cfg.patch_size, cfg.in_chans, cfg.norm_pix_loss)
+        self.image_head = nn.Linear(cfg.embed_dim, self.frame_target.dim)
+        self.video_head = nn.Linear(cfg.embed_dim, cfg.tubelet_size * self.frame_target.dim)
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        for head in (self.image_head, self.video_head):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Both streams, as the joint data source gives them (used by the model contract tests)."""
+        g = torch.Generator().manual_seed(0)
+        s = self.cfg.img_size
+        return {"video": torch.randn(batch_size, self.cfg.in_chans, self.cfg.num_frames, s, s, generator=g),
+                "image": torch.randn(batch_size, self.cfg.in_chans, s, s, generator=g)}
+
+    def forward_video(self, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_mask(mask, self.encoder.num_patches)
+        z = self.encoder.forward_features(video, mask=mask)[:, self.encoder.num_prefix_tokens:]
+        pred = self.video_head(z)
+        return pred, masked_mse(pred, self.frame_target(video, self.cfg.tubelet_size), mask)
+
+    def forward_image(self, imgs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = image_as_tubelet_tokens(self.encoder, imgs)
+        check_mask(mask, self.num_image_tokens)
+        pos = self.encoder.pos_embed[:, : self.num_image_tokens]
+        z = run_trunk(self.encoder, tokens, pos, mask=mask)[:, self.encoder.num_prefix_tokens:]
+        pred = self.image_head(z)
+        return pred, masked_mse(pred, self.frame_target(imgs), mask)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "video" not in batch and "image" not in batch:
+            raise KeyError("video")
+        out: dict[str, torch.Tensor] = {}
+        loss = None
+        if "video" in batch:
+            video = batch["video"]
+            mask = batch.get("mask")
+            if mask is None:
+                mask = _bevt_mask_fn(self.cfg)(video.shape[0], None)["mask"].to(video.device)
+            pred, vloss = self.forward_video(video, mask)
+            loss = self.cfg.video_loss_weight * vloss
+            out.update(video_loss=vloss.detach(), pred=pred.detach(), mask=mask)
+        if "image" in batch:
+            imgs = batch["image"]
+            imask = batch.get("image_mask")
+            if imask is None:
+                imask = _bevt_image_mask(self.cfg, imgs.shape[0], None).to(imgs.device)
+            ipred, iloss = self.forward_image(imgs, imask)
+            weighted = self.cfg.image_loss_weight * iloss
+            loss = weighted if loss is None else loss + weighted
+            out.update(image_loss=iloss.detach(), image_pred=ipred.detach(), image_mask=imask)
+        assert loss is not None
+        return {"loss": loss, **out}
+
+    @torch.no_grad()
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load a ``bevt_spatial`` (or ``bevt``) state; returns (missing, unexpected) keys."""
+        own = self.state_dict()
+        new: dict[str, torch.Tensor] = {}
+        unexpected: list[str] = []
+        kernel = state.get("encoder.patch_embed.proj.weight")
+        inflate = kernel is not None and kernel.ndim == 4
+        for k, v in state.items():
+            name = "image_head." + k[len("head."):] if k.startswith("head.") else k
+            if inflate and name.startswith("encoder.patch_embed.proj."):
+                continue
+            if name in own and own[name].shape == v.shape:
+                new[name] = v
+            else:
+                unexpected.append(k)
+        if "video_head.weight" not in new and "image_head.weight" in new:
+            # Each frame of a tubelet starts with the image head's prediction for that frame.
+            new["video_head.weight"] = new["image_head.weight"].repeat(self.cfg.tubelet_size, 1)
+            new["video_head.bias"] = new["image_head.bias"].repeat(self.cfg.tubelet_size)
+        result = self.load_state_dict(new, strict=False)
+        missing = list(result.missing_keys)
+        if inflate:
+            self.encoder.patch_embed.inflate_from_2d(kernel, state.get("encoder.patch_embed.proj.bias"))
+            missing = [k for k in missing if not k.startswith("encoder.patch_embed.proj.")]
+        return missing, unexpected + list(result.unexpected_keys)
+
+
+def _bevt_image_mask(cfg: BEVTCfg, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+    grid, s = _block_grid(cfg, cfg.mask_patch_size)
+    return block_mask(batch_size, grid, cfg.image_mask_ratio, mask_patch_size=s, generator=generator)
+
+
+def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
+    grid = _grid3(cfg)
+
+    def make(batch_size: int, generator: torch.Generator | None, modality: str = "video") -> dict[str, torch.Tensor]:
+        # A joint batch holds one image per video view, so both masks have the batch's size.
+        return {"mask": tube_mask(batch_size, grid, cfg.video_mask_ratio, generator=generator),
+                "image_mask": _bevt_image_mask(cfg, batch_size, generator)}
+    return make
+
+
+@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn)
+def _build_bevt(cfg: BEVTCfg) -> BEVT:
+    return BEVT(cfg)

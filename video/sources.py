@@ -1,0 +1,206 @@
+"""Video data sources for ``data.dataset``: ``video_list``, ``video_folder``, ``ssv2`` (clips), ``omni``
+(image and video batches mixed, OmniMAE) and ``video_image`` (a clip and an image per item, BEVT).
+
+Keys used: ``data.root`` (videos; prefix of list paths), ``data.train_list`` / ``data.val_list``,
+``data.class_list``, ``data.num_frames``, ``data.sampling_rate``, ``data.num_samples`` (repeated
+sampling), ``data.backend``, ``data.short_clip``, ``data.max_bad_fraction``, ``data.limit``; joint
+sources add ``data.image_dataset`` (any registered image source) at ``data.image_root`` and
+``data.image_ratio``. Clip randomness is seeded by ``train.seed``.
+
+Augmentation follows the model: pretraining models get VideoMAE's (multi-scale crop, no flip);
+a classifier gets a random-resized crop (``data.min_scale``, ``data.hflip``); ``val`` gives the
+multi-view test set (``data.num_clips`` x ``data.num_crops``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset, Dataset
+
+from mmmae.data.registry import build_dataset, register_dataset
+from mmmae.data.sampler import MixedBatchSampler
+
+from .datasets import (Item, VideoClipDataset, VideoTestDataset, collate_test, list_video_folder, mix_seed,
+                       read_annotation_list, read_ssv2_annotations)
+from .transforms import finetune_transform, pretrain_transform
+
+__all__ = ["video_items", "build_video_source", "OmniDataset", "VideoImageDataset", "GroupedImages"]
+
+
+def _need_file(path: str, key: str) -> str:
+    if not path:
+        raise ValueError(f"{key} is not set")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}: {path} not found")
+    return path
+
+
+def video_items(cfg: Any, split: str, kind: str) -> list[Item]:
+    """``(path, label)`` items of a ``video_list`` / ``video_folder`` / ``ssv2`` source."""
+    d = cfg.data
+    list_key = "data.train_list" if split == "train" else "data.val_list"
+    list_path = d.train_list if split == "train" else d.val_list
+    if kind == "video_folder":
+        root = _need_file(d.root, "data.root")
+        items = list_video_folder(root)
+        if not items:
+            raise FileNotFoundError(f"data.root: no videos under {root}")
+    elif kind == "video_list":
+        items = read_annotation_list(_need_file(list_path, list_key), d.root, d.class_list or None)
+    elif kind == "ssv2":
+        # data.train_list / data.val_list: train.json / validation.json; data.class_list: labels.json.
+        items = read_ssv2_annotations(_need_file(list_path, list_key), _need_file(d.class_list, "data.class_list"),
+                                      d.root)
+    else:
+        raise ValueError(f"unknown video source kind {kind!r}")
+    if d.limit:
+        items = items[: d.limit]
+    if not items:
+        raise ValueError(f"{kind}: no videos for split {split!r}")
+    return items
+
+
+def _check_frames(cfg: Any, model_cfg: Any) -> None:
+    frames = getattr(model_cfg, "num_frames", 0) or 0
+    if frames and frames != cfg.data.num_frames:
+        raise ValueError(f"data.num_frames={cfg.data.num_frames} but the model takes num_frames={frames}; "
+                         "set both to the same value")
+
+
+def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Dataset:
+    """A clip dataset for training (list of ``num_samples`` views per item) or the test views."""
+    _check_frames(cfg, model_cfg)
+    d = cfg.data
+    items = video_items(cfg, split, kind)
+    size = model_cfg.img_size
+    if split != "train":
+        ds = VideoTestDataset(items, d.num_frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
+                              backend=d.backend, short_clip=d.short_clip)
+        ds.collate_fn = collate_test  # type: ignore[attr-defined]
+        return ds
+    if hasattr(model_cfg, "num_classes"):
+        transform = finetune_transform(size, scale=(d.min_scale, 1.0), hflip=d.hflip)
+    else:
+        transform = pretrain_transform(size)  # VideoMAE: multi-scale crop, no flip
+    return VideoClipDataset(items, d.num_frames, d.sampling_rate, transform, backend=d.backend,
+                            num_samples=d.num_samples, short_clip=d.short_clip,
+                            max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed)
+
+
+for _kind in ("video_list", "video_folder", "ssv2"):
+    register_dataset(_kind)(lambda cfg, split, model_cfg, _k=_kind: build_video_source(cfg, split, model_cfg, _k))
+
+
+def _default_video_kind(cfg: Any) -> str:
+    return "video_list" if cfg.data.train_list else "video_folder"
+
+
+def build_image_source(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    """``data.image_dataset`` read from ``data.image_root`` (the image source's own ``data.root``)."""
+    d = cfg.data
+    if not d.image_dataset:
+        raise ValueError("data.image_dataset is not set (e.g. image_folder with data.image_root, or fashion_mnist)")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain["data"]["root"] = d.image_root
+    plain["data"]["dataset"] = d.image_dataset
+    if split != "train":
+        plain["data"]["val_list"] = d.image_root
+    image_cfg: DictConfig = OmegaConf.create(plain)
+    return build_dataset(image_cfg, split, model_cfg, name=d.image_dataset)
+
+
+class GroupedImages(Dataset):
+    """``group`` consecutive images per item, as a list of views: with repeated video sampling an image
+    step then holds as many samples as a video step (``data.batch_size * data.num_samples``)."""
+
+    def __init__(self, images: Dataset, group: int) -> None:
+        n = len(images)  # type: ignore[arg-type]
+        if n < group:
+            raise ValueError(f"the image source has {n} images, fewer than data.num_samples={group}")
+        self.images, self.group = images, group
+
+    def __len__(self) -> int:
+        return len(self.images) // self.group  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        return [self.images[index * self.group + k] for k in range(self.group)]
+
+
+class OmniDataset(ConcatDataset):
+    """Images then videos behind one ConcatDataset; every batch comes from one of them (OmniMAE's
+    homogeneous steps), the image source with probability ``image_ratio`` (``MixedBatchSampler``)."""
+
+    def __init__(self, images: Dataset, videos: Dataset, image_ratio: float) -> None:
+        if not 0.0 <= image_ratio <= 1.0:
+            raise ValueError(f"data.image_ratio must be in [0, 1], got {image_ratio}")
+        super().__init__([images, videos])
+        self.image_ratio = image_ratio
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in self.datasets:
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+
+    def make_batch_sampler(self, batch_size: int, num_replicas: int, rank: int, seed: int) -> MixedBatchSampler:
+        sizes = [len(ds) for ds in self.datasets]  # type: ignore[arg-type]
+        return MixedBatchSampler(sizes, [self.image_ratio, 1.0 - self.image_ratio], batch_size, num_replicas, rank,
+                                 seed)
+
+
+@register_dataset("omni")
+def _build_omni(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
+    if split != "train":
+        return videos
+    images = GroupedImages(build_image_source(cfg, split, model_cfg), max(cfg.data.num_samples, 1))
+    return OmniDataset(images, videos, cfg.data.image_ratio)
+
+
+class VideoImageDataset(Dataset):
+    """BEVT's joint stream: every view of a clip comes with an image, so each batch carries
+    ``video`` (B, 3, T, H, W) and ``image`` (B, 3, H, W).
+
+    Images come from ``images`` (shuffled per epoch, cycling when there are fewer images than views),
+    or, without an image source, are single frames drawn from the view's own clip (seeded by
+    (seed, epoch, index, view)).
+    """
+
+    def __init__(self, videos: VideoClipDataset, images: Dataset | None = None, seed: int = 0) -> None:
+        self.videos, self.images, self.seed, self.epoch = videos, images, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.videos.set_epoch(epoch)
+
+    def _image_index(self, k: int) -> int:
+        n = len(self.images)  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, k // n, 2))
+        return int(torch.randperm(n, generator=g)[k % n])
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        views = self.videos[index]
+        for k, view in enumerate(views):
+            if self.images is not None:
+                view["image"] = self.images[self._image_index(index * len(views) + k)]["image"]
+            else:
+                g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index, k, 3))
+                t = int(torch.randint(view["video"].shape[1], (1,), generator=g))
+                view["image"] = view["video"][:, t].clone()
+        return views
+
+
+@register_dataset("video_image")
+def _build_video_image(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
+    if split != "train":
+        return videos
+    images = build_image_source(cfg, split, model_cfg) if cfg.data.image_dataset else None
+    return VideoImageDataset(videos, images, seed=cfg.train.seed)  # type: ignore[arg-type]
