@@ -23,11 +23,13 @@ class MAEDecoder(nn.Module):
     def __init__(self, embed_dim: int, out_dim: int, pos_table: torch.Tensor, *, decoder_embed_dim: int = 512,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_prefix_tokens: int = 1, qkv_bias: str = "qkv", attn_impl: AttnImpl = "auto",
+                 embed_bias: bool = True,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_prefix_tokens = num_prefix_tokens
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, **factory)
+        # VideoMAE's encoder-to-decoder projection has no bias; MAE's has one.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=embed_bias, **factory)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim, **factory))
         if pos_table.shape[-1] != decoder_embed_dim:
             raise ValueError(f"decoder position table has width {pos_table.shape[-1]}, expected {decoder_embed_dim}")

@@ -201,9 +201,9 @@ class VideoMAE(nn.Module):
             cfg.embed_dim, out_dim, table, decoder_embed_dim=cfg.decoder_embed_dim,
             decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
             num_prefix_tokens=self.encoder.num_prefix_tokens, qkv_bias=cfg.qkv_bias,
-            attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
-        # VideoMAE's encoder_to_decoder has no bias (modeling_pretrain.py); released weights have none.
-        self.decoder.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
+            attn_impl=cfg.attn_impl,  # type: ignore[arg-type]
+            # VideoMAE's encoder_to_decoder has no bias (modeling_pretrain.py); released weights have none.
+            embed_bias=False)
 
     def init_weights(self) -> None:
         self.encoder.init_weights()

@@ -62,14 +62,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks (one collective for the whole dict)."""
-    if not dist.is_initialized() or world_size() == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+def all_reduce_weighted_mean(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    """Mean of each metric over every rank's observations: sum of sums / sum of counts.
+
+    Ranks may hold different keys (a loss part only some steps produce): the union of keys is
+    agreed first, so the collective always lines up.
+    """
+    keys = sorted(sums)
+    if dist.is_initialized() and world_size() > 1:
+        gathered: list[list[str]] = [[] for _ in range(world_size())]
+        dist.all_gather_object(gathered, keys)
+        keys = sorted({k for ks in gathered for k in ks})
+        t = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(counts.get(k, 0)) for k in keys],
+                         dtype=torch.float64)
+        dist.all_reduce(t)
+        s, c = t[: len(keys)].tolist(), t[len(keys):].tolist()
+    else:
+        s, c = [sums[k] for k in keys], [counts.get(k, 0) for k in keys]
+    return {k: (sk / ck if ck else float("nan")) for k, sk, ck in zip(keys, s, c)}
 
 
 def all_reduce_sum(value: float) -> float:

@@ -224,8 +224,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokens_fallback = int(getattr(getattr(model, "encoder", None), "num_patches", 0))
     mixup = build_mixup(cfg, mcfg)
 
-    acc: dict[str, float] = {}
-    acc_n = 0
+    acc: dict[str, float] = {}  # sums of loss parts over the log window, and how many steps gave each
+    acc_n: dict[str, int] = {}
     window_samples = window_tokens = 0
     window_start = time.perf_counter()
     consecutive_bad = 0
@@ -286,7 +286,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             for k, v in out.items():
                 if k == "loss" or k.endswith("_loss"):
                     acc[k] = acc.get(k, 0.0) + float(v.detach().float())
-            acc_n += 1
+                    acc_n[k] = acc_n.get(k, 0) + 1
             window_samples += _batch_len(batch)
             window_tokens += _tokens_in(batch, out, tokens_fallback)
             last_batch, last_out = batch, out
@@ -299,7 +299,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 bar.update(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                means = D.all_reduce_mean({k: v / max(acc_n, 1) for k, v in acc.items()})
+                means = D.all_reduce_weighted_mean(acc, acc_n)
                 samples = D.all_reduce_sum(window_samples)
                 tokens = D.all_reduce_sum(window_tokens)
                 skipped_all = {k: int(D.all_reduce_sum(v)) for k, v in sorted(skipped.items())}
@@ -310,7 +310,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 metrics.log(last_record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", sps=f"{samples / elapsed:.1f}")
-                acc, acc_n, window_samples, window_tokens = {}, 0, 0, 0
+                acc, acc_n, window_samples, window_tokens = {}, {}, 0, 0
                 window_start = time.perf_counter()
             if cfg.train.vis_every and step % cfg.train.vis_every == 0 and D.is_main():
                 _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
