@@ -2,5 +2,6 @@
 
 from mmmae.vl import sources  # noqa: F401  (registers the ``captions`` data source)
 from mmmae.vl.models import M3AE, M3AECfg, MultimodalEncoder
+from mmmae.vl.retrieval import RetrievalCfg, RetrievalModel  # registers the ``retrieval`` model
 
-__all__ = ["M3AE", "M3AECfg", "MultimodalEncoder"]
+__all__ = ["M3AE", "M3AECfg", "MultimodalEncoder", "RetrievalCfg", "RetrievalModel"]
