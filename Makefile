@@ -1,5 +1,5 @@
 # make install: .venv with everything (torch pinned by constraints.txt); make test: the whole suite;
-# make demo: a short pretraining run through the deepspeed launcher on real data.
+# make demo: a short VideoMAE pretraining through the deepspeed launcher on the real sample clips.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmmae-installed
@@ -29,8 +29,8 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(CPU_ENV) $(VENV)/bin/deepspeed --num_gpus $(DEMO_PROCS) tools/train.py --config image_mae_tiny.yaml \
-	  output_dir=$(DEMO_DIR) train.max_steps=60 train.vis_every=20
+	$(CPU_ENV) $(VENV)/bin/deepspeed --num_gpus $(DEMO_PROCS) tools/train.py --config video_mae_tiny.yaml \
+	  output_dir=$(DEMO_DIR) train.max_steps=40 train.log_every=5 train.vis_every=20 ds.zero_optimization.stage=2
 	@echo "run directory: $(DEMO_DIR) (metrics.jsonl, vis/*.png, model.safetensors, tensorboard/)"
 
 clean:

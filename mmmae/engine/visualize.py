@@ -44,10 +44,10 @@ def reconstruction_panel(image: torch.Tensor, pred: torch.Tensor, mask: torch.Te
     return torch.cat(rows, dim=-2)
 
 
-def save_png(panel_chw: torch.Tensor, path: str | Path, min_height: int = 384) -> None:
+def save_png(panel_chw: torch.Tensor, path: str | Path, min_side: int = 256) -> None:
     """Save a (3, H, W) picture in [0, 1]; small pictures (tiny test models) are enlarged with
     nearest-neighbour so patches stay crisp."""
-    scale = max(1, min_height // max(panel_chw.shape[1], 1))
+    scale = min(8, max(1, min_side // max(min(panel_chw.shape[1:]), 1)))
     if scale > 1:
         panel_chw = panel_chw.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     arr = (panel_chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
