@@ -114,7 +114,7 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         img = Image.fromarray(self.images[index]).convert("RGB")
-        x = self.transform(img) if self.transform else torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255
+        x = self.transform(img) if self.transform else torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
         return {"image": x, "label": int(self.labels[index]), "index": index}
 
 
