@@ -44,12 +44,12 @@ def _check_run_dir(run: Path, steps: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_two_processes(tmp_path: Path, stage: int, fashion_mnist: Path) -> None:
+@pytest.mark.parametrize("stage, accum", [(2, 1), (3, 2)])
+def test_deepspeed_two_processes(tmp_path: Path, stage: int, accum: int, fashion_mnist: Path) -> None:
     run = tmp_path / f"zero{stage}"
     run_tool("train.py", [*TINY, f"output_dir={run}", f"ds.zero_optimization.stage={stage}",
-                          "train.max_steps=12", "train.log_every=3", "train.ckpt_every=6", "train.vis_every=6"],
-             procs=2)
+                          f"train.accum_steps={accum}", "train.max_steps=12", "train.log_every=3",
+                          "train.ckpt_every=6", "train.vis_every=6"], procs=2)
     _check_run_dir(run, 12)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_00000006", "step_00000012"]
@@ -74,6 +74,16 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, fashion_mnist: Path) -
     for step in (8, 10, 12):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7), step
         assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_torchrun_launcher(tmp_path: Path, fashion_mnist: Path) -> None:
+    run = tmp_path / "torchrun"
+    run_tool("train.py", [*TINY, f"output_dir={run}", "ds.zero_optimization.stage=1", "train.max_steps=6",
+                          "train.log_every=3"], procs=2, launcher="torchrun")
+    rows = _metrics(run)
+    assert rows[-1]["step"] == 6 and (run / "model.safetensors").is_file()
+    assert len(list((run / "checkpoints" / "step_00000006").glob("*optim_states.pt"))) == 2
 
 
 @pytest.mark.slow
