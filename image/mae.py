@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from mmmae.decoder import MAEDecoder
-from mmmae.heads import EncoderCfg, build_vision_encoder
+from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.pos_embed import sincos_pos_embed_2d
 from mmmae.masking import check_mask, mask_to_indices, random_mask
 from mmmae.registry import MaskFn, register_model
@@ -25,7 +24,7 @@ class MAECfg(EncoderCfg):
     target: str = "pixel"  # "pixel" or "hog" (MaskFeat's target)
 
 
-class MAE(nn.Module):
+class MAE(EncoderModel):
     """Masked autoencoder on images.
 
     ``forward(batch)``: ``batch["image"]`` (B, C, H, W), optional ``batch["mask"]`` (B, L) bool with
@@ -46,17 +45,6 @@ class MAE(nn.Module):
             decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
             decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
             num_prefix_tokens=self.encoder.num_prefix_tokens, attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.decoder.init_weights()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | \
-            {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), ids_keep (B, K) -> (B, 1+K, D)."""

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from mmmae.decoder import PixelShuffleHead
-from mmmae.heads import EncoderCfg, build_vision_encoder
+from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patchify import patchify
 from mmmae.masking import block_mask, check_mask
 from mmmae.registry import MaskFn, register_model
@@ -23,7 +22,7 @@ class SimMIMCfg(EncoderCfg):
     norm_pix_loss: bool = False  # SimMIM regresses the (ImageNet-normalised) pixels directly
 
 
-class SimMIM(nn.Module):
+class SimMIM(EncoderModel):
     """``forward(batch)``: ``batch["image"]`` (B, C, H, W), optional ``batch["mask"]`` (B, L).
     Returns ``loss``, ``l1_loss``, ``pred`` (B, L, p*p*C) and ``mask``."""
 
@@ -35,16 +34,6 @@ class SimMIM(nn.Module):
         self.encoder = build_vision_encoder(cfg, mask_token=True)
         self.grid_size = self.encoder.grid_size
         self.decoder = PixelShuffleHead(cfg.embed_dim, cfg.patch_size, cfg.in_chans)
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.decoder.init_weights()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         imgs = batch["image"]

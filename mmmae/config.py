@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -196,6 +197,15 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
     OmegaConf.set_readonly(cfg, True)
     OmegaConf.set_struct(cfg, True)
     return cfg  # type: ignore[return-value]
+
+
+def load_config_or_exit(config: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """For command-line tools: :func:`load_config`, or the error on stderr and exit status 2."""
+    try:
+        return load_config(config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def model_cfg(model: Any) -> Any:

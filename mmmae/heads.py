@@ -42,6 +42,27 @@ def build_vision_encoder(cfg: EncoderCfg, **extra) -> VisionEncoder:
         cls_token=cfg.cls_token, attn_impl=cfg.attn_impl, **extra)
 
 
+class EncoderModel(nn.Module):
+    """Base of the registered models: an ``encoder`` (a ``MaskedEncoder``) plus method parts.
+
+    ``init_weights`` initialises each direct child that has an ``init_weights`` (in registration
+    order), ``no_weight_decay`` gathers the children's names under their prefixes, and gradient
+    checkpointing is the encoder's. Models override what differs (e.g. a head's own init).
+    """
+
+    def init_weights(self) -> None:
+        for child in self.children():
+            if hasattr(child, "init_weights"):
+                child.init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"{name}.{n}" for name, child in self.named_children() if hasattr(child, "no_weight_decay")
+                for n in child.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+
 def pool_tokens(x: torch.Tensor, num_prefix_tokens: int, global_pool: str) -> torch.Tensor:
     """(B, P+L, D) -> (B, D): mean over patch tokens (``avg``) or the [cls] token (``token``)."""
     if global_pool == "avg":
@@ -89,7 +110,7 @@ class ClassifierCfg(EncoderCfg):
     linear_probe: bool = False  # freeze the encoder, BatchNorm + linear head (MAE's protocol)
 
 
-class Classifier(nn.Module):
+class Classifier(EncoderModel):
     """Pretrained vision encoder + pooled head. Keys under ``encoder.`` match the pretraining models,
     so a pretraining state dict loads with only the head (and fc_norm) missing.
 
@@ -118,12 +139,6 @@ class Classifier(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
             self.head.weight.data.mul_(self.cfg.head_init_scale)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels -> pooled, normed features (B, D)."""

@@ -169,7 +169,7 @@ def test_decoder_masking_reconstructs_only_kept_hidden_tokens() -> None:
     model = mmmae.create_model("videomae", size="vit_tiny_test", decoder_mask_ratio=0.5, **TINY).eval()
     cfg = model.cfg
     gen = torch.Generator().manual_seed(3)
-    b, num = 4, math.prod(GRID)
+    b = 4
     masks = get_spec("videomae").make_mask_fn(cfg)(b, gen)
     mask, decode_mask = masks["mask"], masks["decode_mask"]
     decoded = mask & ~decode_mask

@@ -19,12 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mmmae.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from mmmae.config import load_config_or_exit
+    cfg = load_config_or_exit(args.config, overrides)
     from mmmae.engine.metrics import write_report
     from mmmae.image.evaluation import evaluate_image_classifier
     report = evaluate_image_classifier(cfg, args.checkpoint)

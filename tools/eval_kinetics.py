@@ -23,12 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views-per-forward", type=int, default=16)
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mmmae.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from mmmae.config import load_config_or_exit
+    cfg = load_config_or_exit(args.config, overrides)
     from mmmae.video.evaluation import evaluate_kinetics
     report = evaluate_kinetics(cfg, args.checkpoint, views_per_forward=args.views_per_forward)
     from mmmae.engine.metrics import write_report

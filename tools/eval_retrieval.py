@@ -31,12 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unrecognised arguments {bad}; overrides look like key=value")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mmmae.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from mmmae.config import load_config_or_exit
+    cfg = load_config_or_exit(args.config, overrides)
     from mmmae.vl.evaluation import evaluate_retrieval
     try:
         report = evaluate_retrieval(cfg, args.checkpoint, split=args.split,

@@ -26,12 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from mmmae.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from mmmae.config import load_config_or_exit
+    cfg = load_config_or_exit(args.config, overrides)
     from mmmae.engine.trainer import train
     summary = train(cfg)
     if rank == 0:

@@ -22,7 +22,7 @@ from torch import nn
 
 from mmmae.decoder import MAEDecoder
 from mmmae.encoder import MaskedEncoder, VisionEncoder
-from mmmae.heads import EncoderCfg, build_vision_encoder
+from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patchify import patchify_video, unpatchify_video
 from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_3d
 from mmmae.masking import (block_mask, check_mask, gather_tokens, mask_to_indices, random_mask, running_cell_mask,
@@ -167,7 +167,7 @@ def decoder_keep_mask(mask: torch.Tensor, grid_size: tuple[int, int, int], decod
     return out
 
 
-class VideoMAE(nn.Module):
+class VideoMAE(EncoderModel):
     """VideoMAE: tube-masked tubelets, the encoder sees only visible tokens, a light decoder predicts
     the hidden tubelets' per-channel normalised pixels.
 
@@ -204,17 +204,6 @@ class VideoMAE(nn.Module):
             attn_impl=cfg.attn_impl,  # type: ignore[arg-type]
             # VideoMAE's encoder_to_decoder has no bias (modeling_pretrain.py); released weights have none.
             embed_bias=False)
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.decoder.init_weights()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | \
-            {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def target(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) -> (B, L, pt*p*p*3), VideoMAE's target (unnormalise, per-channel norm)."""
@@ -307,7 +296,7 @@ class OmniMAECfg(EncoderCfg):
     norm_pix_loss: bool = True  # per tubelet and channel, after unnormalising (omnivision MAELoss)
 
 
-class OmniMAE(nn.Module):
+class OmniMAE(EncoderModel):
     """One encoder and one decoder for images and videos.
 
     A video (B, 3, T, H, W) is tokenized by tubelets; an image (B, 3, H, W) is repeated over one
@@ -340,17 +329,6 @@ class OmniMAE(nn.Module):
             decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
             num_prefix_tokens=self.encoder.num_prefix_tokens, qkv_bias=cfg.qkv_bias,
             attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.decoder.init_weights()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | \
-            {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def mask_ratio(self, modality: str) -> float:
         return self.cfg.image_mask_ratio if modality == "image" else self.cfg.video_mask_ratio
@@ -449,7 +427,7 @@ class BEVTSpatialCfg(EncoderCfg):
     norm_pix_loss: bool = True
 
 
-class BEVTSpatial(nn.Module):
+class BEVTSpatial(EncoderModel):
     """``forward(batch)``: ``batch["image"]`` (B, C, H, W), optional ``batch["mask"]`` (B, L) block mask.
     Returns ``loss``, ``mse_loss``, ``pred`` (B, L, P) and ``mask``."""
 
@@ -469,12 +447,6 @@ class BEVTSpatial(nn.Module):
         self.encoder.init_weights()
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         imgs = batch["image"]
@@ -522,7 +494,7 @@ class BEVTCfg(EncoderCfg):
     video_loss_weight: float = 1.0
 
 
-class BEVT(nn.Module):
+class BEVT(EncoderModel):
     """BEVT-style joint image + video masked modelling on one encoder.
 
     ``forward(batch)``: ``batch["video"]`` (B, 3, T, H, W) with ``batch["mask"]`` (B, L) tube mask and/or
@@ -555,12 +527,6 @@ class BEVT(nn.Module):
         for head in (self.image_head, self.video_head):
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Both streams, as the joint data source gives them (used by the model contract tests)."""

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmmae.encoder import MaskedEncoder, VisionEncoder, init_vit_weights
+from mmmae.heads import EncoderCfg, EncoderModel
 from mmmae.heads import vision_encoder_state as core_vision_encoder_state
-from mmmae.heads import EncoderCfg
 from mmmae.layers import Block, key_padding_bias
 from mmmae.layers.attention import AttnImpl, QkvBias
 from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
@@ -290,7 +290,7 @@ def masked_token_cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid
 # -------------------------------------------------------------------------------------------- model
 
 
-class M3AE(nn.Module):
+class M3AE(EncoderModel):
     """Multimodal masked autoencoder over image-caption pairs.
 
     ``forward(batch)``: ``image`` (B, C, H, W) and/or ``text`` (B, S) token ids with ``text_pad``
@@ -326,17 +326,6 @@ class M3AE(nn.Module):
             decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
             decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,  # type: ignore[arg-type]
             attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
-
-    def init_weights(self) -> None:
-        self.encoder.init_weights()
-        self.decoder.init_weights()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | \
-            {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     # -- features for retrieval and probing
 

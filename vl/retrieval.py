@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mmmae.heads import EncoderCfg, ProjectionHead
+from mmmae.heads import EncoderCfg, EncoderModel, ProjectionHead
 from mmmae.registry import register_model
 from mmmae.vl.models import MultimodalEncoder
 
@@ -115,7 +115,7 @@ def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(EncoderModel):
     """Dual-encoder retrieval on one shared M3AE encoder.
 
     ``forward(batch)``: ``image`` (B, C, H, W), ``text`` (B, S) token ids, ``text_pad`` (B, S) bool
@@ -173,10 +173,7 @@ class RetrievalModel(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"logit_scale"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
+        return super().no_weight_decay() | {"logit_scale"}
 
     # -- loading
 

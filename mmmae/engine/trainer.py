@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from mmmae.config import dump_config, effective_lr, global_batch_size, model_cfg
+from mmmae.config import dump_config, effective_lr, model_cfg
 from mmmae.data.collate import MaskCollator, collate_dicts
 from mmmae.data.registry import build_dataset
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
