@@ -27,9 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="images / captions per forward (default data.batch_size)")
     p.add_argument("--no-progress", action="store_true")
     args, overrides = p.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("-")]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; overrides look like key=value")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mmmae.config import load_config_or_exit
     cfg = load_config_or_exit(args.config, overrides)

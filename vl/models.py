@@ -422,15 +422,19 @@ class M3AE(EncoderModel):
 
     def example_batch(self, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """A valid random batch on CPU: image, text with ragged padding, and the pipeline's masks."""
-        cfg = self.cfg
         g = torch.Generator().manual_seed(seed)
-        s = cfg.max_len
-        image = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
-        lengths = torch.randint(1, s + 1, (batch_size,), generator=g)
-        lengths[0] = s  # one row without padding
-        text_pad = torch.arange(s)[None, :] >= lengths[:, None]
-        text = torch.randint(0, cfg.vocab_size, (batch_size, s), generator=g).masked_fill(text_pad, 0)
-        return {"image": image, "text": text, "text_pad": text_pad, **_m3ae_mask_fn(cfg)(batch_size, g)}
+        return {**random_image_text_batch(self.cfg, batch_size, g), **_m3ae_mask_fn(self.cfg)(batch_size, g)}
+
+
+def random_image_text_batch(cfg: M3AECfg, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random images and token ids with ragged padding (row 0 unpadded), for tests and examples."""
+    s = cfg.max_len
+    image = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    lengths = torch.randint(1, s + 1, (batch_size,), generator=g)
+    lengths[0] = s  # one row without padding
+    text_pad = torch.arange(s)[None, :] >= lengths[:, None]
+    text = torch.randint(0, cfg.vocab_size, (batch_size, s), generator=g).masked_fill(text_pad, 0)
+    return {"image": image, "text": text, "text_pad": text_pad}
 
 
 def vision_encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from torch import nn
 
 from mmmae.heads import EncoderCfg, EncoderModel, ProjectionHead
 from mmmae.registry import register_model
-from mmmae.vl.models import MultimodalEncoder
+from mmmae.vl.models import MultimodalEncoder, random_image_text_batch
 
 __all__ = ["RetrievalCfg", "RetrievalModel", "clip_contrastive_loss", "gather_with_grad", "MAX_LOGIT_SCALE"]
 
@@ -243,15 +243,7 @@ class RetrievalModel(EncoderModel):
 
     def example_batch(self, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """A valid random batch on CPU: images and captions with ragged padding."""
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(seed)
-        s = cfg.max_len
-        image = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
-        lengths = torch.randint(1, s + 1, (batch_size,), generator=g)
-        lengths[0] = s
-        text_pad = torch.arange(s)[None, :] >= lengths[:, None]
-        text = torch.randint(0, cfg.vocab_size, (batch_size, s), generator=g).masked_fill(text_pad, 0)
-        return {"image": image, "text": text, "text_pad": text_pad}
+        return random_image_text_batch(self.cfg, batch_size, torch.Generator().manual_seed(seed))
 
 
 @register_model("retrieval", RetrievalCfg)
