@@ -27,9 +27,13 @@ class Attention(nn.Module):
     ``q_bias`` and ``v_bias`` only); ``"none"`` has no bias.
 
     ``attn_impl``: ``"sdpa"`` calls ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
-    on GPU); ``"math"`` is two batched matmuls and a softmax, which on CPU at ViT sequence lengths runs
-    its backward faster than SDPA's CPU flash kernel; ``"auto"`` picks sdpa on CUDA and math elsewhere.
+    on GPU); ``"math"`` is two batched matmuls and a softmax; ``"auto"`` picks sdpa on CUDA, and on
+    CPU math for sequences up to ``CPU_MATH_MAX_LEN`` tokens and sdpa beyond. Measured here (2 cores,
+    bf16 autocast, forward + backward, width 384, 6 heads): at 197 tokens math 9.5 ms vs sdpa 15.2 ms;
+    at 800 tokens 75 vs 68 ms; at 1568 (a VideoMAE decoder) 282 vs 209 ms.
     """
+
+    CPU_MATH_MAX_LEN = 512
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: QkvBias = "qkv", attn_drop: float = 0.0,
                  proj_drop: float = 0.0, attn_impl: AttnImpl = "auto", device: torch.device | None = None,
@@ -59,7 +63,7 @@ class Attention(nn.Module):
 
     def _use_sdpa(self, x: torch.Tensor) -> bool:
         if self.attn_impl == "auto":
-            return x.device.type == "cuda"
+            return x.device.type == "cuda" or x.shape[1] > self.CPU_MATH_MAX_LEN
         return self.attn_impl == "sdpa"
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
