@@ -123,13 +123,20 @@ class MaskedEncoder(nn.Module):
                 x = blk(x, bias)
             yield x
 
-    def forward(self, tokens: torch.Tensor, *, pos: torch.Tensor | None = None,
-                ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                key_pad: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(self, tokens: torch.Tensor, *, pos: torch.Tensor | None = None,
+                       ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       key_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk on tokens a tokenizer made: hide, position, run the blocks, norm.
+        Subclasses whose ``forward`` takes pixels or text still reach the trunk through this."""
         x, key_pad = self.prepare_tokens(tokens, pos=pos, ids_keep=ids_keep, mask=mask, key_pad=key_pad)
         for x in self.iter_blocks(x, key_pad):
             pass
         return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, *, pos: torch.Tensor | None = None,
+                ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                key_pad: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_tokens(tokens, pos=pos, ids_keep=ids_keep, mask=mask, key_pad=key_pad)
 
 
 class VisionEncoder(MaskedEncoder):
@@ -177,7 +184,7 @@ class VisionEncoder(MaskedEncoder):
     def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
                          mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels (B, C, H, W) or (B, C, T, H, W) -> normed tokens (B, [1+]K or [1+]L, D)."""
-        return super().forward(self.tokenize(x), pos=self.pos_embed, ids_keep=ids_keep, mask=mask)
+        return self.forward_tokens(self.tokenize(x), pos=self.pos_embed, ids_keep=ids_keep, mask=mask)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, *,
                               norm: bool = False, output_fmt: str = "NLC",

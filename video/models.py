@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from mmmae.decoder import MAEDecoder
-from mmmae.encoder import MaskedEncoder, VisionEncoder
+from mmmae.encoder import VisionEncoder
 from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patchify import patchify_video, unpatchify_video
 from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_3d
@@ -38,16 +38,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def run_trunk(encoder: MaskedEncoder, tokens: torch.Tensor, pos: torch.Tensor, *,
-              ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The trunk on tokens the caller made (e.g. an image through a video tokenizer) with a position
-    table the caller chose: tokens (B, L, D), pos (1, L, D) -> normed (B, [1+]K or [1+]L, D)."""
-    x, _ = encoder.prepare_tokens(tokens, pos=pos, ids_keep=ids_keep, mask=mask)
-    for x in encoder.iter_blocks(x):
-        pass
-    return encoder.norm(x)
 
 
 def check_image(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> None:
@@ -349,7 +339,7 @@ class OmniMAE(EncoderModel):
             mask = random_mask(b, num, self.mask_ratio(modality)).to(x.device)
         check_mask(mask, num)
         idx = mask_to_indices(mask)
-        latent = run_trunk(enc, tokens, pos, ids_keep=idx.ids_keep)
+        latent = enc.forward_tokens(tokens, pos=pos, ids_keep=idx.ids_keep)
         if modality == "video":
             pred = self.decoder(latent, idx.ids_restore)
         else:
@@ -545,7 +535,7 @@ class BEVT(EncoderModel):
         tokens = image_as_tubelet_tokens(self.encoder, imgs)
         check_mask(mask, self.num_image_tokens)
         pos = self.encoder.pos_embed[:, : self.num_image_tokens]
-        z = run_trunk(self.encoder, tokens, pos, mask=mask)[:, self.encoder.num_prefix_tokens:]
+        z = self.encoder.forward_tokens(tokens, pos=pos, mask=mask)[:, self.encoder.num_prefix_tokens:]
         pred = self.image_head(z)
         return pred, masked_mse(pred, self.frame_target(imgs), mask)
 

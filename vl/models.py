@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmmae.encoder import MaskedEncoder, VisionEncoder, init_vit_weights
+from mmmae.encoder import VisionEncoder, init_vit_weights
 from mmmae.heads import EncoderCfg, EncoderModel
 from mmmae.heads import vision_encoder_state as core_vision_encoder_state
 from mmmae.layers import Block, key_padding_bias
@@ -163,9 +163,9 @@ class MultimodalEncoder(VisionEncoder):
                          torch.arange(s, device=txt.device).expand(b, s)) + offset)
             pad.append(text_pad)
         dropping = image_ids_keep is not None or text_ids_keep is not None
-        return MaskedEncoder.forward(self, torch.cat(tokens, dim=1), pos=torch.cat(pos, dim=1),
-                                     ids_keep=torch.cat(keep, dim=1) if dropping else None,
-                                     key_pad=torch.cat(pad, dim=1))
+        return self.forward_tokens(torch.cat(tokens, dim=1), pos=torch.cat(pos, dim=1),
+                                   ids_keep=torch.cat(keep, dim=1) if dropping else None,
+                                   key_pad=torch.cat(pad, dim=1))
 
     def encode_image(self, images: torch.Tensor, pool: str = "token") -> torch.Tensor:
         """Images (B, C, H, W), nothing hidden -> pooled features (B, D)."""
