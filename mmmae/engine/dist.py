@@ -62,6 +62,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    """Where collective tensors must live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_weighted_mean(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
     """Mean of each metric over every rank's observations: sum of sums / sum of counts.
 
@@ -74,7 +81,7 @@ def all_reduce_weighted_mean(sums: dict[str, float], counts: dict[str, int]) -> 
         dist.all_gather_object(gathered, keys)
         keys = sorted({k for ks in gathered for k in ks})
         t = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(counts.get(k, 0)) for k in keys],
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
         s, c = t[: len(keys)].tolist(), t[len(keys):].tolist()
     else:
@@ -85,7 +92,7 @@ def all_reduce_weighted_mean(sums: dict[str, float], counts: dict[str, int]) -> 
 def all_reduce_sum(value: float) -> float:
     if not dist.is_initialized() or world_size() == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return float(t.item())
 
