@@ -1,0 +1,34 @@
+"""tools/benchmark.py keeps working: a smoke run on tiny configs (figures only, nothing timed is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import VIDEOS, run_tool
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["image_mae_tiny.yaml", "video_mae_tiny.yaml"])
+def test_step_benchmark_reports_both_implementations(tmp_path: Path, config: str) -> None:
+    out = tmp_path / "bench.json"
+    run_tool("benchmark.py", ["--config", config, "--vs-hf", "--batch", "2", "--steps", "2", "--warmup", "1",
+                              "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"mmmae", "hf"}
+    for r in report["results"].values():
+        assert r["samples_per_s"] > 0 and r["gflop_per_step"] > 0 and 0 < r["peak_share"]
+    assert report["speedup_vs_hf"] > 0 and report["matmul_peak_tflops"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared sample videos not found")
+def test_loader_benchmark_covers_both_backends_and_repeated_sampling(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    run_tool("benchmark.py", ["--data", "video_mae_tiny.yaml", f"data.root={VIDEOS}",
+                              f"data.class_list={VIDEOS / 'kinetics400_classes.txt'}", "--batches", "2",
+                              "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["backend"], r["num_samples"]) for r in rows} == {("decord", 1), ("decord", 4), ("pyav", 1), ("pyav", 4)}
