@@ -56,6 +56,8 @@ class DataCfg:
     limit: int = 0  # use only the first N items (debugging, tiny configs)
     hflip: bool = True
     min_scale: float = 0.2  # RandomResizedCrop lower scale
+    rand_augment: str = ""  # fine-tuning: timm RandAugment spec, e.g. rand-m7-n4-mstd0.5-inc1 ("" = off)
+    erase_prob: float = 0.0  # fine-tuning: random erasing probability per frame (VideoMAE: 0.25)
     caption_mode: str = "all"  # all: one pair per caption; random: one caption per image per epoch
     length: int = 256  # synthetic source size
 

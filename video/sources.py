@@ -83,7 +83,8 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
         ds.collate_fn = collate_test  # type: ignore[attr-defined]
         return ds
     if hasattr(model_cfg, "num_classes"):
-        transform = finetune_transform(size, scale=(d.min_scale, 1.0), hflip=d.hflip)
+        transform = finetune_transform(size, scale=(d.min_scale, 1.0), hflip=d.hflip, rand_augment=d.rand_augment,
+                                       erase_prob=d.erase_prob)
     else:
         transform = pretrain_transform(size)  # VideoMAE: multi-scale crop, no flip
     return VideoClipDataset(items, d.num_frames, d.sampling_rate, transform, backend=d.backend,

@@ -15,7 +15,11 @@ a clip's augmentation a function of the generator's seed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import random
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,8 @@ __all__ = [
     "hflip_clip",
     "pretrain_transform",
     "finetune_transform",
+    "RandAugmentVideo",
+    "RandomErasingVideo",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -374,10 +380,85 @@ def pretrain_transform(input_size: int = 224, scales: Sequence[float] = (1.0, 0.
     return Compose([MultiScaleCrop(input_size, scales=scales), Normalize()])
 
 
+@contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global RNGs for a block and put them back afterwards:
+    timm's augmentations draw from them, and the clip's own generator must decide instead."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+class RandAugmentVideo:
+    """timm's RandAugment (e.g. VideoMAE's fine-tuning ``rand-m7-n4-mstd0.5-inc1``) with the same
+    operations and magnitudes on every frame of a clip: each frame is augmented from the same RNG
+    state, drawn from the clip's generator. uint8 (T, H, W, 3) -> uint8 (T, H, W, 3)."""
+
+    def __init__(self, config_str: str = "rand-m7-n4-mstd0.5-inc1") -> None:
+        from timm.data.auto_augment import rand_augment_transform
+        self.config_str = config_str
+        self._make = lambda size: rand_augment_transform(
+            config_str, {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)})
+
+    def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        from PIL import Image
+        if clip.dtype != torch.uint8 or clip.ndim != 4:
+            raise ValueError(f"RandAugmentVideo takes uint8 (T, H, W, 3) clips, got {clip.dtype} {tuple(clip.shape)}")
+        ra = self._make(min(clip.shape[1], clip.shape[2]))
+        seed = _draw_seed(generator)
+        frames = []
+        for frame in clip.numpy():
+            with _seeded_global_rngs(seed):
+                frames.append(np.asarray(ra(Image.fromarray(frame))))
+        return torch.from_numpy(np.stack(frames))
+
+    def __repr__(self) -> str:
+        return f"RandAugmentVideo({self.config_str!r})"
+
+
+class RandomErasingVideo:
+    """timm's RandomErasing on a normalised clip, frame by frame as VideoMAE's fine-tuning applies it
+    (the frames are the batch axis): float (3, T, H, W) -> (3, T, H, W). Randomness from the clip's
+    generator."""
+
+    def __init__(self, probability: float = 0.25, mode: str = "pixel", max_count: int = 1) -> None:
+        from timm.data.random_erasing import RandomErasing
+        self.probability = probability
+        self.erase = RandomErasing(probability, mode=mode, max_count=max_count, num_splits=0, device="cpu")
+
+    def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not clip.is_floating_point() or clip.ndim != 4:
+            raise ValueError(f"RandomErasingVideo takes float (3, T, H, W) clips, got {clip.dtype} {tuple(clip.shape)}")
+        with _seeded_global_rngs(_draw_seed(generator)):
+            return self.erase(clip.transpose(0, 1).contiguous()).transpose(0, 1)
+
+    def __repr__(self) -> str:
+        return f"RandomErasingVideo(p={self.probability})"
+
+
 def finetune_transform(
     input_size: int = 224,
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: bool = False,
+    rand_augment: str = "",
+    erase_prob: float = 0.0,
 ) -> Compose:
-    """Fine-tuning augmentation: random-resized crop (optional flip), then normalisation."""
-    return Compose([RandomResizedCropVideo(input_size, scale=scale, hflip=hflip), Normalize()])
+    """Fine-tuning augmentation in VideoMAE's order: RandAugment on the whole frames (``rand_augment``,
+    e.g. ``rand-m7-n4-mstd0.5-inc1``; empty = off), random-resized crop (optional flip),
+    normalisation, then random erasing of each frame with probability ``erase_prob``."""
+    ops: list[ClipTransform] = [RandAugmentVideo(rand_augment)] if rand_augment else []
+    ops += [RandomResizedCropVideo(input_size, scale=scale, hflip=hflip), Normalize()]
+    if erase_prob > 0:
+        ops.append(RandomErasingVideo(erase_prob))
+    return Compose(ops)
