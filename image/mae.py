@@ -41,7 +41,7 @@ class MAE(EncoderModel):
         self.hog = HOGTarget(cfg.patch_size) if cfg.target == "hog" else None
         out_dim = self.hog.out_dim(cfg.in_chans) if self.hog else cfg.patch_size**2 * cfg.in_chans
         self.decoder = MAEDecoder(
-            cfg.embed_dim, out_dim, sincos_pos_embed_2d(cfg.decoder_embed_dim, self.grid_size),
+            cfg.embed_dim, out_dim, lambda: sincos_pos_embed_2d(cfg.decoder_embed_dim, self.grid_size),
             decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
             decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
             num_prefix_tokens=self.encoder.num_prefix_tokens, attn_impl=cfg.attn_impl)  # type: ignore[arg-type]

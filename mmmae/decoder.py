@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from mmmae.encoder import init_vit_weights
 from mmmae.layers import Block
+from mmmae.layers.fixed import register_fixed_buffer
 from mmmae.layers.attention import AttnImpl
 from mmmae.masking import gather_tokens, restore_tokens
 
@@ -15,12 +18,14 @@ class MAEDecoder(nn.Module):
     """Encoder tokens of the visible positions -> a prediction for every (or every selected) position.
 
     Steps (MAE sec. 3): project to ``decoder_embed_dim``; put mask tokens at the hidden positions
-    (``ids_restore``); add the decoder's own fixed position table; run ``decoder_depth`` blocks; norm;
+    (``ids_restore``); add the decoder's own fixed position table (``pos_table``: (L, D) or a function
+    making it, which lets a meta-device model rebuild it); run ``decoder_depth`` blocks; norm;
     project to ``out_dim``. ``ids_decode`` (B, N) optionally runs the decoder on a subset of positions
     only (VideoMAEv2 decoder masking); otherwise all L positions are decoded.
     """
 
-    def __init__(self, embed_dim: int, out_dim: int, pos_table: torch.Tensor, *, decoder_embed_dim: int = 512,
+    def __init__(self, embed_dim: int, out_dim: int, pos_table: torch.Tensor | Callable[[], torch.Tensor], *,
+                 decoder_embed_dim: int = 512,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_prefix_tokens: int = 1, qkv_bias: str = "qkv", attn_impl: AttnImpl = "auto",
                  embed_bias: bool = True,
@@ -31,9 +36,10 @@ class MAEDecoder(nn.Module):
         # VideoMAE's encoder-to-decoder projection has no bias; MAE's has one.
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=embed_bias, **factory)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim, **factory))
-        if pos_table.shape[-1] != decoder_embed_dim:
-            raise ValueError(f"decoder position table has width {pos_table.shape[-1]}, expected {decoder_embed_dim}")
-        self.register_buffer("decoder_pos_embed", pos_table.reshape(1, -1, decoder_embed_dim), persistent=False)
+        make = pos_table if callable(pos_table) else pos_table.clone
+        if make().shape[-1] != decoder_embed_dim:
+            raise ValueError(f"decoder position table has width {make().shape[-1]}, expected {decoder_embed_dim}")
+        register_fixed_buffer(self, "decoder_pos_embed", lambda: make().reshape(1, -1, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,  # type: ignore[arg-type]
                   attn_impl=attn_impl, norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6, **factory), **factory)

@@ -18,16 +18,23 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmmae.layers import Block, PatchEmbed2d, TubeletEmbed3d, key_padding_bias
+from mmmae.layers import Attention, Block, LayerScale, PatchEmbed2d, TubeletEmbed3d, key_padding_bias
 from mmmae.layers.attention import AttnImpl, QkvBias
-from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d, sincos_pos_embed_3d
+from mmmae.layers.fixed import register_fixed_buffer
+from mmmae.layers.pos_embed import pos_table
 from mmmae.masking import check_mask, gather_tokens
 
 
 def init_vit_weights(module: nn.Module) -> None:
-    """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms."""
+    """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms; q/v biases (BEiT-style
+    attention) at zero and layer scales at their init value."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, Attention) and m.q_bias is not None:
+            nn.init.zeros_(m.q_bias)
+            nn.init.zeros_(m.v_bias)
+        elif isinstance(m, LayerScale):
+            nn.init.constant_(m.gamma, m.init_values)
+        elif isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -57,7 +64,8 @@ class MaskedEncoder(nn.Module):
         self.num_prefix_tokens = 1 if cls_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory)) if cls_token else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory)) if mask_token else None
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        # Stochastic depth rises linearly over the blocks (computed in Python: works on the meta device).
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
                   init_values=init_values, attn_impl=attn_impl, norm_layer=norm_layer, **factory)
@@ -71,13 +79,6 @@ class MaskedEncoder(nn.Module):
         for p in (self.cls_token, self.mask_token):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
-        for blk in self.blocks:
-            for ls in (blk.ls1, blk.ls2):
-                if hasattr(ls, "gamma"):
-                    nn.init.constant_(ls.gamma, ls.init_values)
-            if blk.attn.q_bias is not None:
-                nn.init.zeros_(blk.attn.q_bias)
-                nn.init.zeros_(blk.attn.v_bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -163,13 +164,9 @@ class VisionEncoder(MaskedEncoder):
             self.patch_embed = PatchEmbed2d(img_size, patch_size, in_chans, embed_dim, **factory)
         self.grid_size = self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
-        if pos_embed == "sincos":
-            table = (sincos_pos_embed_3d if self.is_video else sincos_pos_embed_2d)(embed_dim, self.grid_size)
-        elif pos_embed == "sincos_1d":
-            table = sincos_pos_embed_1d(embed_dim, self.num_patches, interleave=True)
-        else:
-            raise ValueError(f"pos_embed must be 'sincos' or 'sincos_1d', got {pos_embed!r}")
-        self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
+        pos_table(pos_embed, embed_dim, self.grid_size)  # validates the kind before anything is built
+        grid = self.grid_size
+        register_fixed_buffer(self, "pos_embed", lambda: pos_table(pos_embed, embed_dim, grid).unsqueeze(0))
 
     def init_weights(self) -> None:
         super().init_weights()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from importlib.metadata import entry_points
@@ -118,13 +119,37 @@ def resolve_model_cfg(name: str, size: str | None = None, **overrides: Any) -> A
     return OmegaConf.to_object(merged)
 
 
-def build_from_cfg(name: str, cfg: Any, *, init: bool = True) -> nn.Module:
-    model = get_spec(name).build(cfg)
+def build_from_cfg(name: str, cfg: Any, *, init: bool = True, device: str | torch.device | None = None) -> nn.Module:
+    """Build a method from its config. ``device="meta"`` builds without memory or initialisation
+    (for sharded or deferred construction); :func:`materialize` then makes it real."""
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return get_spec(name).build(cfg)
+    with torch.device(device) if device is not None else nullcontext():
+        model = get_spec(name).build(cfg)
     if init and hasattr(model, "init_weights"):
         model.init_weights()
     return model
 
 
-def create_model(name: str, size: str | None = None, **overrides: Any) -> nn.Module:
-    """Build a registered model: ``create_model("mae", size="vit_base", mask_ratio=0.9)``."""
-    return build_from_cfg(name, resolve_model_cfg(name, size, **overrides))
+@torch.no_grad()
+def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """Allocate a meta-device model on ``device`` and initialise it as construction would have:
+    every layer's own ``reset_parameters`` (in construction order, so a seeded run draws the same
+    numbers as an eager build), then the model's ``init_weights``, then its fixed buffers."""
+    from mmmae.layers.fixed import reset_fixed_buffers
+    model.to_empty(device=device)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    if hasattr(model, "init_weights"):
+        model.init_weights()
+    reset_fixed_buffers(model)
+    return model
+
+
+def create_model(name: str, size: str | None = None, *, device: str | torch.device | None = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a registered model: ``create_model("mae", size="vit_base", mask_ratio=0.9)``;
+    ``device="meta"`` builds it without memory (see :func:`materialize`)."""
+    return build_from_cfg(name, resolve_model_cfg(name, size, **overrides), device=device)

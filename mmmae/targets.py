@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmmae.layers.fixed import register_fixed_buffer
 from mmmae.layers.patchify import patchify, patchify_video
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,13 +61,18 @@ class HOGTarget(nn.Module):
         if patch_size % cell_size:
             raise ValueError(f"patch_size {patch_size} must be a multiple of cell_size {cell_size}")
         self.patch_size, self.nbins, self.cell_size = patch_size, nbins, cell_size
-        sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        self.register_buffer("weight_x", sobel[None, None], persistent=False)
-        self.register_buffer("weight_y", sobel.t()[None, None].contiguous(), persistent=False)
-        sigma = gaussian_sigma if gaussian_sigma is not None else patch_size / 2
-        r = torch.arange(patch_size, dtype=torch.float32) - (patch_size - 1) / 2
-        g = torch.exp(-(r**2) / (2 * sigma**2))
-        self.register_buffer("window", torch.outer(g, g), persistent=False)
+        def sobel() -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+
+        def window() -> torch.Tensor:
+            sigma = gaussian_sigma if gaussian_sigma is not None else patch_size / 2
+            r = torch.arange(patch_size, dtype=torch.float32) - (patch_size - 1) / 2
+            g = torch.exp(-(r**2) / (2 * sigma**2))
+            return torch.outer(g, g)
+
+        register_fixed_buffer(self, "weight_x", lambda: sobel()[None, None])
+        register_fixed_buffer(self, "weight_y", lambda: sobel().t()[None, None].contiguous())
+        register_fixed_buffer(self, "window", window)
 
     def out_dim(self, in_chans: int = 3) -> int:
         return in_chans * self.nbins * (self.patch_size // self.cell_size) ** 2

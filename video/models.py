@@ -24,7 +24,7 @@ from mmmae.decoder import MAEDecoder
 from mmmae.encoder import VisionEncoder
 from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patchify import patchify_video, unpatchify_video
-from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_3d
+from mmmae.layers.pos_embed import pos_table
 from mmmae.masking import (block_mask, check_mask, gather_tokens, mask_to_indices, random_mask, running_cell_mask,
                            tube_mask)
 from mmmae.registry import MaskFn, register_model
@@ -184,11 +184,10 @@ class VideoMAE(EncoderModel):
         self.encoder = build_vision_encoder(cfg)
         self.grid_size = self.encoder.grid_size
         out_dim = cfg.tubelet_size * cfg.patch_size**2 * cfg.in_chans
-        num_patches = self.encoder.num_patches
-        table = sincos_pos_embed_1d(cfg.decoder_embed_dim, num_patches, interleave=True) \
-            if cfg.pos_embed == "sincos_1d" else sincos_pos_embed_3d(cfg.decoder_embed_dim, self.grid_size)
+        grid = self.grid_size
         self.decoder = MAEDecoder(
-            cfg.embed_dim, out_dim, table, decoder_embed_dim=cfg.decoder_embed_dim,
+            cfg.embed_dim, out_dim, lambda: pos_table(cfg.pos_embed, cfg.decoder_embed_dim, grid),
+            decoder_embed_dim=cfg.decoder_embed_dim,
             decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
             num_prefix_tokens=self.encoder.num_prefix_tokens, qkv_bias=cfg.qkv_bias,
             attn_impl=cfg.attn_impl,  # type: ignore[arg-type]
@@ -312,10 +311,10 @@ class OmniMAE(EncoderModel):
         self.grid_size = self.encoder.grid_size
         self.num_image_tokens = self.grid_size[1] * self.grid_size[2]
         out_dim = cfg.tubelet_size * cfg.patch_size**2 * cfg.in_chans
-        table = sincos_pos_embed_1d(cfg.decoder_embed_dim, self.encoder.num_patches, interleave=True) \
-            if cfg.pos_embed == "sincos_1d" else sincos_pos_embed_3d(cfg.decoder_embed_dim, self.grid_size)
+        grid = self.grid_size
         self.decoder = MAEDecoder(
-            cfg.embed_dim, out_dim, table, decoder_embed_dim=cfg.decoder_embed_dim,
+            cfg.embed_dim, out_dim, lambda: pos_table(cfg.pos_embed, cfg.decoder_embed_dim, grid),
+            decoder_embed_dim=cfg.decoder_embed_dim,
             decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
             num_prefix_tokens=self.encoder.num_prefix_tokens, qkv_bias=cfg.qkv_bias,
             attn_impl=cfg.attn_impl)  # type: ignore[arg-type]

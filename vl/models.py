@@ -41,6 +41,7 @@ from mmmae.heads import EncoderCfg, EncoderModel
 from mmmae.heads import vision_encoder_state as core_vision_encoder_state
 from mmmae.layers import Block, key_padding_bias
 from mmmae.layers.attention import AttnImpl, QkvBias
+from mmmae.layers.fixed import register_fixed_buffer
 from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
 from mmmae.masking import check_mask, mask_to_indices, random_mask, restore_tokens
 from mmmae.registry import MaskFn, register_model
@@ -92,8 +93,7 @@ class MultimodalEncoder(VisionEncoder):
                          pos_embed="sincos", **trunk_kwargs)
         self.vocab_size, self.max_len = vocab_size, max_len
         self.text_embed = nn.Embedding(vocab_size, embed_dim, **factory)
-        self.register_buffer("text_pos_embed", sincos_pos_embed_1d(embed_dim, max_len).unsqueeze(0),
-                             persistent=False)
+        register_fixed_buffer(self, "text_pos_embed", lambda: sincos_pos_embed_1d(embed_dim, max_len).unsqueeze(0))
         self.type_embed = nn.ParameterDict({
             m: nn.Parameter(torch.zeros(1, 1, embed_dim, **factory)) for m in ("image", "text")})
 
@@ -214,8 +214,8 @@ class M3AEDecoder(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, d, **factory)
         self.mask_token = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, d, **factory)) for m in ("image", "text")})
         self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, d, **factory)) for m in ("image", "text")})
-        self.register_buffer("image_pos_embed", sincos_pos_embed_2d(d, grid_size).unsqueeze(0), persistent=False)
-        self.register_buffer("text_pos_embed", sincos_pos_embed_1d(d, max_len).unsqueeze(0), persistent=False)
+        register_fixed_buffer(self, "image_pos_embed", lambda: sincos_pos_embed_2d(d, grid_size).unsqueeze(0))
+        register_fixed_buffer(self, "text_pos_embed", lambda: sincos_pos_embed_1d(d, max_len).unsqueeze(0))
         self.decoder_blocks = nn.ModuleList([
             Block(d, decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_impl=attn_impl,
                   norm_layer=lambda n: nn.LayerNorm(n, eps=1e-6, **factory), **factory)

@@ -57,6 +57,19 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int]) -> torch.Ten
     return torch.cat([emb_w, emb_h], dim=1)
 
 
+def pos_table(kind: str, embed_dim: int, grid_size: tuple[int, ...]) -> torch.Tensor:
+    """The fixed table of a token grid: ``"sincos"`` is the 2-D (H, W) or separable 3-D (T, H, W)
+    table, ``"sincos_1d"`` VideoMAE's interleaved 1-D table over the flattened grid. -> (L, D)."""
+    if kind == "sincos":
+        return (sincos_pos_embed_3d if len(grid_size) == 3 else sincos_pos_embed_2d)(embed_dim, grid_size)  # type: ignore[arg-type]
+    if kind == "sincos_1d":
+        n = 1
+        for g in grid_size:
+            n *= g
+        return sincos_pos_embed_1d(embed_dim, n, interleave=True)
+    raise ValueError(f"pos_embed must be 'sincos' or 'sincos_1d', got {kind!r}")
+
+
 def sincos_pos_embed_3d(embed_dim: int, grid_size: tuple[int, int, int]) -> torch.Tensor:
     """(T*H*W, D) separable space-time table (MAE-ST / OmniMAE style), t-major.
 

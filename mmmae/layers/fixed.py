@@ -1,0 +1,32 @@
+"""Fixed (non-learned, non-persistent) buffers that can be rebuilt after meta-device construction.
+
+Position tables and filter kernels are functions of the configuration, not weights: they are kept
+out of state dicts, and a model built on the ``meta`` device gets them back from their recipe when
+it is materialised (``mmmae.registry.materialize``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def register_fixed_buffer(module: nn.Module, name: str, make: Callable[[], torch.Tensor]) -> None:
+    """Register ``make()`` as a non-persistent buffer and remember how to rebuild it."""
+    module.register_buffer(name, make(), persistent=False)
+    makers = module.__dict__.setdefault("_fixed_buffer_makers", {})
+    makers[name] = make
+
+
+def reset_fixed_buffers(root: nn.Module) -> None:
+    """Recompute every fixed buffer under ``root`` (on CPU, then moved to the buffer's current device
+    and dtype; a buffer still on ``meta`` lands on CPU)."""
+    for m in root.modules():
+        for name, make in m.__dict__.get("_fixed_buffer_makers", {}).items():
+            old = getattr(m, name)
+            with torch.device("cpu"):
+                fresh = make()
+            device = old.device if old.device.type != "meta" else torch.device("cpu")
+            setattr(m, name, fresh.to(device=device, dtype=old.dtype if old.is_floating_point() else fresh.dtype))
