@@ -39,14 +39,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it and on CPU (bf16 matrix units pay there too), else fp16."""
+    """``auto``: bf16 where the hardware has it (GPUs with bf16; CPUs with native bf16 kernels, where
+    it pays as on GPUs), else fp16 on GPUs and fp32 on CPUs."""
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def micro_batch_size(cfg: DictConfig) -> int:
