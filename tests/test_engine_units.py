@@ -202,6 +202,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path, d
     rows = [json.loads(x) for x in (tmp_path / "some" / "metrics.jsonl").read_text().splitlines()]
     assert summary["step"] == 4 and rows[-1]["nonfinite_steps"] > 0
     assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in rows)
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in rows)  # fp32, no ZeRO, no clipping
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
         train(load_config(None, [*common, f"output_dir={tmp_path / 'all'}", "model.nan_every=1",
                                  "train.max_steps=4", "train.max_nonfinite=3"]))

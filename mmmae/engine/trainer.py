@@ -106,6 +106,13 @@ def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@torch.no_grad()
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
+
+
 def _batch_len(batch: dict[str, Any]) -> int:
     key = next((k for k in ("video", "image", "text") if torch.is_tensor(batch.get(k))), None)
     return int(batch[key].shape[0]) if key else 0
@@ -154,7 +161,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         dump_config(cfg, out_dir / "config.yaml")
     precision = resolve_precision(cfg.train.precision, device)
     seed = cfg.train.seed
-    torch.manual_seed(mix_seed(seed, rank, "init"))
 
     mcfg = model_cfg(cfg.model)
     name = cfg.model.name
@@ -172,6 +178,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             (out_dir / "init_report.json").write_text(json.dumps({"init_from": cfg.init_from, **init_report}, indent=1))
     if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    # Dropout / drop-path draws differ between ranks (their samples differ too).
+    torch.manual_seed(mix_seed(seed, rank, "train"))
 
     # A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards.
     if hasattr(dataset, "make_batch_sampler"):
@@ -247,6 +255,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                   "nonfinite_total": nonfinite_total, "skipped": dict(skipped)}
         return save_checkpoint(engine, out_dir, step, client, cfg.train.keep_last)
 
+    # DeepSpeed reports the gradient norm except for plain fp32 without ZeRO and without clipping.
+    measure_own_norm = engine.zero_optimization_stage() == 0 and precision == "fp32" and not cfg.optim.clip_grad
     engine.train()
     lr = set_lr(step)
     end_step = min(total_steps, cfg.train.stop_at_step) if cfg.train.stop_at_step > 0 else total_steps
@@ -281,6 +291,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 continue
             consecutive_bad = 0
             engine.backward(loss)
+            own_norm = None
+            if measure_own_norm and (micro + 1) % cfg.train.accum_steps == 0:
+                own_norm = _grad_norm(engine.module)  # grads are reduced and complete at the boundary
             engine.step()
             micro += 1
             for k, v in out.items():
@@ -294,6 +307,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 continue
             step += 1
             gn = engine.get_global_grad_norm()
+            gn = gn if gn is not None else own_norm
             grad_norm = float(gn) if gn is not None else float("nan")
             if bar is not None:
                 bar.update(1)
