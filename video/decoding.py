@@ -97,17 +97,20 @@ class VideoReader(abc.ABC):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # Set by each backend when it opens the file.
+        self._num_frames = 0
+        self._fps = 0.0
 
     @property
-    @abc.abstractmethod
     def num_frames(self) -> int:
         """Number of frames in the video stream (exact, not estimated from duration x fps)."""
+        return self._num_frames
 
     @property
-    @abc.abstractmethod
     def fps(self) -> float:
         """Average frame rate; informational only (sampling works on frame indices, so a
         variable-frame-rate video is sampled by frames, not seconds)."""
+        return self._fps
 
     @abc.abstractmethod
     def read(self, indices: Sequence[int]) -> torch.Tensor:
@@ -178,14 +181,6 @@ class DecordReader(VideoReader):
         import decord  # imported here: decord has no wheels on some platforms, PyAV may be used alone
 
         return decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=self._num_threads)
-
-    @property
-    def num_frames(self) -> int:
-        return self._num_frames
-
-    @property
-    def fps(self) -> float:
-        return self._fps
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         idx = _check_indices(self.path, indices, self._num_frames)
@@ -312,14 +307,6 @@ class PyAVReader(VideoReader):
         if fps <= 0 and stream.duration and stream.time_base:
             fps = self._num_frames / float(stream.duration * stream.time_base)
         self._fps = fps if math.isfinite(fps) and fps > 0 else 0.0
-
-    @property
-    def num_frames(self) -> int:
-        return self._num_frames
-
-    @property
-    def fps(self) -> float:
-        return self._fps
 
     def _to_tensor(self, frame: Any) -> torch.Tensor:
         """One decoded frame -> uint8 (H, W, 3), turned upright like decord does."""

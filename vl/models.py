@@ -290,6 +290,25 @@ def masked_token_cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid
 # -------------------------------------------------------------------------------------------- model
 
 
+def build_multimodal_encoder(cfg: Any, what: str) -> MultimodalEncoder:
+    """The M3AE encoder for a config with M3AE's encoder fields (``M3AECfg``, ``RetrievalCfg``), after
+    checking the settings it supports; ``what`` names the model in errors."""
+    if cfg.num_frames:
+        raise ValueError(f"{what} is an image-text model; num_frames must be 0, got {cfg.num_frames}")
+    if cfg.pos_embed != "sincos":
+        raise ValueError(f"{what} uses fixed 2-D sin-cos image positions; pos_embed must be 'sincos', "
+                         f"got {cfg.pos_embed!r}")
+    if cfg.global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+    if cfg.global_pool == "token" and not cfg.cls_token:
+        raise ValueError("global_pool='token' needs cls_token=True")
+    return MultimodalEncoder(
+        cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+        vocab_size=cfg.vocab_size, max_len=cfg.max_len, qkv_bias=cfg.qkv_bias,
+        drop_path_rate=cfg.drop_path_rate, init_values=cfg.init_values or None, cls_token=cfg.cls_token,
+        attn_impl=cfg.attn_impl)
+
+
 class M3AE(EncoderModel):
     """Multimodal masked autoencoder over image-caption pairs.
 
@@ -306,20 +325,8 @@ class M3AE(EncoderModel):
 
     def __init__(self, cfg: M3AECfg) -> None:
         super().__init__()
-        if cfg.num_frames:
-            raise ValueError(f"M3AE is an image-text model; num_frames must be 0, got {cfg.num_frames}")
-        if cfg.pos_embed != "sincos":
-            raise ValueError(f"M3AE uses fixed 2-D sin-cos image positions; pos_embed must be 'sincos', got {cfg.pos_embed!r}")
-        if cfg.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
-        if cfg.global_pool == "token" and not cfg.cls_token:
-            raise ValueError("global_pool='token' needs cls_token=True")
         self.cfg = cfg
-        self.encoder = MultimodalEncoder(
-            cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
-            vocab_size=cfg.vocab_size, max_len=cfg.max_len, qkv_bias=cfg.qkv_bias,
-            drop_path_rate=cfg.drop_path_rate, init_values=cfg.init_values or None, cls_token=cfg.cls_token,
-            attn_impl=cfg.attn_impl)
+        self.encoder = build_multimodal_encoder(cfg, "M3AE")
         self.grid_size = self.encoder.grid_size
         self.decoder = M3AEDecoder(
             cfg.embed_dim, cfg.patch_size**2 * cfg.in_chans, cfg.vocab_size, self.grid_size, cfg.max_len,

@@ -32,7 +32,7 @@ from torch import nn
 
 from mmmae.heads import EncoderCfg, EncoderModel, ProjectionHead
 from mmmae.registry import register_model
-from mmmae.vl.models import MultimodalEncoder, random_image_text_batch
+from mmmae.vl.models import build_multimodal_encoder, random_image_text_batch
 
 __all__ = ["RetrievalCfg", "RetrievalModel", "clip_contrastive_loss", "gather_with_grad", "MAX_LOGIT_SCALE"]
 
@@ -129,23 +129,10 @@ class RetrievalModel(EncoderModel):
 
     def __init__(self, cfg: RetrievalCfg) -> None:
         super().__init__()
-        if cfg.num_frames:
-            raise ValueError(f"the retrieval model is an image-text model; num_frames must be 0, got {cfg.num_frames}")
-        if cfg.pos_embed != "sincos":
-            raise ValueError(f"the M3AE encoder uses fixed 2-D sin-cos positions; pos_embed must be 'sincos', "
-                             f"got {cfg.pos_embed!r}")
-        if cfg.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
-        if cfg.global_pool == "token" and not cfg.cls_token:
-            raise ValueError("global_pool='token' needs cls_token=True")
         if cfg.proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1, got {cfg.proj_dim}")
         self.cfg = cfg
-        self.encoder = MultimodalEncoder(
-            cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
-            vocab_size=cfg.vocab_size, max_len=cfg.max_len, qkv_bias=cfg.qkv_bias,
-            drop_path_rate=cfg.drop_path_rate, init_values=cfg.init_values or None, cls_token=cfg.cls_token,
-            attn_impl=cfg.attn_impl)
+        self.encoder = build_multimodal_encoder(cfg, "the retrieval model")
         self.image_proj = ProjectionHead(cfg.embed_dim, cfg.proj_dim, cfg.proj_hidden_dim)
         self.text_proj = ProjectionHead(cfg.embed_dim, cfg.proj_dim, cfg.proj_hidden_dim)
         # Shape (1,), not (): DeepSpeed's initial broadcast views each parameter as bytes, which a
