@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+
+def patch_linear(x: torch.Tensor, proj: nn.Conv2d | nn.Conv3d, pattern: str, **sizes: int) -> torch.Tensor:
+    """A stride-equals-kernel convolution as one matmul over non-overlapping patches.
+
+    Same weights (the conv kernel flattened in (C, [pt,] p, p) order) and the same result as the
+    convolution, but its backward is a plain matmul: on CPU the convolution's backward took ~7% of a
+    ViT-B MAE step (mkldnn, bf16), the matmul a fraction of that. Inputs arrive in fp32; under bf16 /
+    fp16 training the weights do not, so the input takes the weights' dtype.
+    """
+    w = proj.weight
+    patches = rearrange(x.to(w.dtype), pattern, **sizes)
+    return F.linear(patches, w.flatten(1), proj.bias)
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -30,8 +45,8 @@ class PatchEmbed2d(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
             raise ValueError(f"expected images of shape (B, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
-        # Inputs arrive in fp32; under bf16/fp16 training the weights do not, and conv needs them equal.
-        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        return patch_linear(x, self.proj, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch_size[0],
+                            q=self.patch_size[1])
 
     def init_weights(self) -> None:
         # MAE: initialise the projection like nn.Linear (xavier on the flattened kernel).
@@ -66,7 +81,8 @@ class TubeletEmbed3d(nn.Module):
         expected = (self.in_chans, self.num_frames, *self.img_size)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected videos of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        return patch_linear(x, self.proj, "b c (t u) (h p) (w q) -> b (t h w) (c u p q)", u=self.tubelet_size,
+                            p=self.patch_size[0], q=self.patch_size[1])
 
     def init_weights(self) -> None:
         w = self.proj.weight.data
