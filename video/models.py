@@ -23,6 +23,7 @@ from torch import nn
 from mmmae.decoder import MAEDecoder
 from mmmae.encoder import VisionEncoder
 from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
+from mmmae.layers.patch_embed import patch_linear
 from mmmae.layers.patchify import patchify_video, unpatchify_video
 from mmmae.layers.pos_embed import pos_table
 from mmmae.masking import (block_mask, check_mask, gather_tokens, mask_to_indices, random_mask, running_cell_mask,
@@ -53,7 +54,8 @@ def image_as_tubelet_tokens(encoder: VisionEncoder, images: torch.Tensor) -> tor
     pe = encoder.patch_embed
     check_image(images, pe.in_chans, pe.img_size)
     clip = images.unsqueeze(2).expand(-1, -1, pe.tubelet_size, -1, -1)
-    return pe.proj(clip.to(pe.proj.weight.dtype)).flatten(2).transpose(1, 2)
+    return patch_linear(clip, pe.proj, "b c (t u) (h p) (w q) -> b (t h w) (c u p q)", u=pe.tubelet_size,
+                        p=pe.patch_size[0], q=pe.patch_size[1])
 
 
 def _grid3(cfg: EncoderCfg) -> tuple[int, int, int]:
