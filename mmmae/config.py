@@ -91,7 +91,7 @@ class LoopCfg:
     # schedule of max_steps / epochs (as a preemption would); resume=auto continues the run
     accum_steps: int = 1
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 where supported), bf16, fp16, fp32
+    precision: str = "auto"  # auto (bf16 where supported), bf16 (autocast), bf16_weights, fp16, fp32
     log_every: int = 10
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 2

@@ -44,10 +44,11 @@ def _check_run_dir(run: Path, steps: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, accum", [(2, 1), (3, 2)])
-def test_deepspeed_two_processes(tmp_path: Path, stage: int, accum: int, fashion_mnist: Path) -> None:
+@pytest.mark.parametrize("stage, accum, precision", [(2, 1, "bf16_weights"), (3, 2, "bf16")])
+def test_deepspeed_two_processes(tmp_path: Path, stage: int, accum: int, precision: str, fashion_mnist: Path) -> None:
     run = tmp_path / f"zero{stage}"
     run_tool("train.py", [*TINY, f"output_dir={run}", f"ds.zero_optimization.stage={stage}",
+                          f"train.precision={precision}",
                           f"train.accum_steps={accum}", "train.max_steps=12", "train.log_every=3",
                           "train.ckpt_every=6", "train.vis_every=6"], procs=2)
     _check_run_dir(run, 12)

@@ -66,7 +66,11 @@ def test_deepspeed_config_fields_and_conflicts() -> None:
     ds = deepspeed_config(cfg, 2, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 16
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 3.0
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    # bf16 = fp32 weights + autocast; bf16_weights = DeepSpeed's bf16 mode.
+    assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 2
+    pure = deepspeed_config(cfg, 2, "bf16_weights")
+    assert pure["bf16"]["enabled"] and not pure["torch_autocast"]["enabled"]
     bad = load_config(None, ["data.batch_size=4", "ds.train_micro_batch_size_per_gpu=8"])
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
         deepspeed_config(bad, 1, "fp32")
