@@ -185,7 +185,9 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        # `key=` (nothing after =) means an empty string for string keys (e.g. init_from= to clear it);
+        # OmegaConf would read it as null, which a str field rejects.
+        layers.append(OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides]))
     for layer in layers:
         _check_keys(layer, TrainCfg, "")
     try:

@@ -175,7 +175,12 @@ class VisionEncoder(MaskedEncoder):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels -> tokens (B, L, D), without position. Images into a video encoder become static clips."""
         if self.is_video and x.ndim == 4:
-            x = x.unsqueeze(2).expand(-1, -1, self.patch_embed.num_frames, -1, -1)
+            pe = self.patch_embed
+            if tuple(x.shape[1:]) != (pe.in_chans, *pe.img_size):
+                raise ValueError(f"expected images of shape (B, {pe.in_chans}, {pe.img_size[0]}, {pe.img_size[1]}) "
+                                 f"or videos of shape (B, {pe.in_chans}, {pe.num_frames}, {pe.img_size[0]}, "
+                                 f"{pe.img_size[1]}), got {tuple(x.shape)}")
+            x = x.unsqueeze(2).expand(-1, -1, pe.num_frames, -1, -1)
         return self.patch_embed(x)
 
     def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,

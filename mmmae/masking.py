@@ -66,6 +66,9 @@ def block_mask(batch_size: int, grid_size: tuple[int, int], mask_ratio: float, *
         raise ValueError(f"token grid {grid_size} is not a multiple of mask_patch_size {s}")
     bh, bw = gh // s, gw // s
     count = int(math.ceil(bh * bw * mask_ratio))
+    if count >= bh * bw:
+        raise ValueError(f"block masking of a {grid_size} token grid in {s}x{s} blocks at ratio {mask_ratio} hides "
+                         f"all {bh * bw} blocks; use a smaller mask_patch_size or a larger image")
     blocks = _rand_topk_mask(batch_size, bh * bw, count, generator).view(batch_size, bh, bw)
     mask = blocks.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
     return mask.reshape(batch_size, gh * gw)

@@ -210,3 +210,8 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path, d
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
         train(load_config(None, [*common, f"output_dir={tmp_path / 'all'}", "model.nan_every=1",
                                  "train.max_steps=4", "train.max_nonfinite=3"]))
+
+
+def test_empty_override_clears_a_string_key() -> None:
+    cfg = load_config("image_mae_tiny.yaml", ["init_from=", "data.class_list="])
+    assert cfg.init_from == "" and cfg.data.class_list == ""

@@ -213,3 +213,8 @@ def test_check_mask_rejects_bad_dtype_shape_and_length() -> None:
     ok = torch.zeros(2, 8, dtype=torch.bool)
     ok[:, 2:5] = True
     assert check_mask(ok, 8) == 3
+
+
+def test_block_mask_refuses_to_hide_every_block() -> None:
+    with pytest.raises(ValueError, match="hides all 1 blocks"):
+        block_mask(2, (4, 4), 0.6, mask_patch_size=4)

@@ -451,3 +451,9 @@ def test_mae_hog_target() -> None:
     out["loss"].backward()
     with pytest.raises(ValueError, match="target"):
         build("mae", target="hug")
+
+
+def test_video_encoder_names_the_shapes_it_takes() -> None:
+    model = mmmae.create_model("videomae", size="vit_tiny_test", img_size=32, patch_size=8, num_frames=4)
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\) or videos of shape \(B, 3, 4, 32, 32\), got \(1, 3, 48, 48\)"):
+        model.encoder.forward_features(torch.randn(1, 3, 48, 48))
