@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmmae.data.quality import ReadFailures
 from mmmae.data.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -40,35 +41,26 @@ class ImageFolder(Dataset):
         if not self.items:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {self.root}")
         self.transform = transform
-        self.max_bad_fraction = max_bad_fraction
-        self.attempts = 0
-        self.bad: set[str] = set()
+        self.reads = ReadFailures(max_bad_fraction, "ImageFolder", "image")
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def _check_bad_share(self) -> None:
-        if len(self.bad) == len(self.items) or (
-                self.attempts >= 20 and len(self.bad) / self.attempts > self.max_bad_fraction):
-            raise RuntimeError(f"{len(self.bad)} unreadable images (over data.max_bad_fraction="
-                               f"{self.max_bad_fraction}): {sorted(self.bad)[:10]}")
 
     def __getitem__(self, index: int) -> dict:
         skipped = 0
         i = index
         while True:
             path, label = self.items[i]
-            self.attempts += 1
             try:
                 with Image.open(path) as im:
                     img = im.convert("RGB")
-                return {"image": self.transform(img), "label": label, "index": index, "skipped": skipped}
             except (OSError, ValueError) as e:
-                log.warning("skipping unreadable image %s: %s", path, e)
-                self.bad.add(str(path))
                 skipped += 1
-                self._check_bad_share()
+                self.reads.failed(i, str(path), str(e), total=len(self.items))
                 i = (i * 1_000_003 + 7 + skipped) % len(self.items)
+            else:
+                self.reads.ok(i)
+                return {"image": self.transform(img), "label": label, "index": index, "skipped": skipped}
 
 
 def _read_idx(path: Path) -> np.ndarray:

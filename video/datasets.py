@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from mmmae.data.quality import ReadFailures
+
 from .decoding import VideoDecodeError, open_video
 from .sampling import SHORT_MODES, test_clip_indices, train_clip_indices
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, Normalize, ShortSideResize, SpatialCrops, crop_clip
@@ -302,8 +304,6 @@ class VideoClipDataset(Dataset):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if short_clip not in SHORT_MODES:
             raise ValueError(f"short_clip={short_clip!r}; choose one of {SHORT_MODES}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.items = [(os.fspath(p), int(y)) for p, y in items]
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
@@ -311,17 +311,12 @@ class VideoClipDataset(Dataset):
         self.backend = backend
         self.num_samples = num_samples
         self.short_clip = short_clip
-        self.max_bad_fraction = max_bad_fraction
         self.seed = seed
-        self.min_attempts = min_attempts
         self.max_retries = max_retries
         self.num_threads = num_threads
         self.epoch = 0
         # Per-copy tally (each DataLoader worker holds its own copy).
-        self.attempts = 0
-        self.failures = 0
-        self.bad_items: dict[int, str] = {}  # every item that failed once, with the reason
-        self._failing: set[int] = set()  # items whose latest read failed
+        self.reads = ReadFailures(max_bad_fraction, "VideoClipDataset", "video", min_attempts=min_attempts)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -348,13 +343,12 @@ class VideoClipDataset(Dataset):
                 samples = self._load(path, label, index, _generator(mix_seed(self.seed, self.epoch, index)))
             except VideoDecodeError as e:
                 reason = e.reason
-                logger.warning("skipping unreadable video %s (item %d): %s", path, current, e.reason)
             else:
-                self._count(current, None)
+                self.reads.ok(current)
                 samples[0]["skipped"] = skipped
                 return samples
             skipped += 1
-            self._count(current, reason)
+            self.reads.failed(current, path, reason, total=len(self.items))
             if len(tried) == len(self.items):
                 break
             # Replacements avoid items already tried in this call (a deterministic choice; the
@@ -364,7 +358,7 @@ class VideoClipDataset(Dataset):
             tried.add(current)
         raise RuntimeError(
             f"item {index}: no readable video after {self.max_retries + 1} tries; "
-            f"unreadable so far: {self._bad_summary()}"
+            f"unreadable so far: {self.reads.summary()}"
         )
 
     def _load(self, path: str, label: int, index: int, generator: torch.Generator) -> list[dict[str, Any]]:
@@ -384,27 +378,13 @@ class VideoClipDataset(Dataset):
             samples.append({"video": video, "label": label, "index": index, "skipped": 0})
         return samples
 
-    def _count(self, item: int, reason: str | None) -> None:
-        self.attempts += 1
-        if reason is None:
-            self._failing.discard(item)  # a partly corrupt file can give a good clip
-            return
-        self.failures += 1
-        self.bad_items[item] = reason
-        self._failing.add(item)
-        if len(self._failing) == len(self.items):
-            raise RuntimeError(f"every video in the dataset is unreadable: {self._bad_summary()}")
-        if self.attempts >= self.min_attempts and self.failures > self.max_bad_fraction * self.attempts:
-            raise RuntimeError(
-                f"{self.failures} of {self.attempts} video reads failed "
-                f"({self.failures / self.attempts:.1%} > max_bad_fraction={self.max_bad_fraction:.1%}); "
-                f"unreadable: {self._bad_summary()}"
-            )
+    @property
+    def attempts(self) -> int:
+        return self.reads.attempts
 
-    def _bad_summary(self, limit: int = 10) -> str:
-        files = sorted({self.items[i][0] for i in self.bad_items})
-        more = f" and {len(files) - limit} more" if len(files) > limit else ""
-        return ", ".join(files[:limit]) + more
+    @property
+    def failures(self) -> int:
+        return self.reads.failures
 
 
 class VideoTestDataset(Dataset):

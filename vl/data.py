@@ -36,7 +36,6 @@ import os
 import random
 import re
 import tarfile
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -45,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from mmmae.data.quality import ReadFailures
 from mmmae.vl.tokenizers import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # What PIL raises on missing, truncated or non-image files. Anything else (a transform bug) must
 # surface, not be mistaken for bad data.
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_MIN_ATTEMPTS_FOR_FRACTION = 20
 _MAX_TRIES_PER_ITEM = 1000
 
 
@@ -415,33 +414,6 @@ def _rng(*keys: int) -> random.Random:
     return random.Random("rng:" + ",".join(str(int(k)) for k in keys))
 
 
-class _BadImages:
-    """Per-process tally of image reads, to stop a run whose data is mostly unreadable."""
-
-    def __init__(self, max_bad_fraction: float, what: str) -> None:
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.max_bad_fraction, self.what = max_bad_fraction, what
-        self.attempts = 0
-        self.bad = 0
-        self.bad_names: set[str] = set()
-        self.recent: deque[str] = deque(maxlen=10)
-
-    def record_bad(self, name: str, err: BaseException) -> None:
-        self.bad += 1
-        self.bad_names.add(name)
-        self.recent.append(name)
-        logger.warning("%s: skipping unreadable image %s (%s: %s)", self.what, name, type(err).__name__, err)
-        if self.attempts >= _MIN_ATTEMPTS_FOR_FRACTION and self.bad > self.max_bad_fraction * self.attempts:
-            raise RuntimeError(
-                f"{self.what}: {self.bad} of {self.attempts} image reads failed (> max_bad_fraction="
-                f"{self.max_bad_fraction}); check the image root. Recent: {list(self.recent)}")
-
-    def all_bad(self) -> RuntimeError:
-        return RuntimeError(f"{self.what}: every image tried is unreadable ({self.bad} failures), "
-                            f"e.g. {list(self.recent)}")
-
-
 def _tokenize_one(tokenizer: TextTokenizer, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
     ids, pad = tokenizer([caption])
     return ids[0], pad[0]
@@ -479,7 +451,7 @@ class CaptionDataset(Dataset):
             # workers do not copy it page by page through reference counting.
             self._pairs = torch.tensor([(i, j) for i, r in enumerate(records) for j in range(len(r.captions))],
                                        dtype=torch.long)
-        self._bad = _BadImages(max_bad_fraction, "CaptionDataset")
+        self._bad = ReadFailures(max_bad_fraction, "CaptionDataset", "image")
 
     def __len__(self) -> int:
         return len(self._pairs) if self.mode == "all" else len(self.records)
@@ -506,15 +478,13 @@ class CaptionDataset(Dataset):
         for attempt in range(_MAX_TRIES_PER_ITEM):
             img_i, cap_i = self.locate(current)
             rec = self.records[img_i]
-            self._bad.attempts += 1
             try:
                 pil = _load_rgb(rec.image_path)
+                self._bad.ok(rec.image_path)
                 break
             except _BAD_IMAGE_ERRORS as e:
                 skipped += 1
-                self._bad.record_bad(rec.image_path, e)
-                if len(self._bad.bad_names) >= len(self.records):
-                    raise self._bad.all_bad() from e
+                self._bad.failed(rec.image_path, rec.image_path, f"{type(e).__name__}: {e}", total=len(self.records))
                 # Salt 1 keeps replacement draws apart from random-mode caption draws (salt 0).
                 current = _rng(self.seed, self.epoch, index, 1, attempt).randrange(n)
         else:
@@ -564,7 +534,7 @@ class CaptionShards(IterableDataset):
         self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
         self.max_bad_fraction, self.repeat = max_bad_fraction, repeat
         self.epoch = 0
-        _BadImages(max_bad_fraction, "CaptionShards")  # validate now, not inside a worker
+        ReadFailures(max_bad_fraction, "CaptionShards", "image")  # validate now, not inside a worker
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -619,7 +589,7 @@ class CaptionShards(IterableDataset):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         gid, total = rank * nworkers + wid, world * nworkers
-        bad = _BadImages(self.max_bad_fraction, "CaptionShards")
+        bad = ReadFailures(self.max_bad_fraction, "CaptionShards", "image")
         epoch, yielded, skipped = self.epoch, 0, 0
         while True:
             shards = list(self.urls)
@@ -634,14 +604,15 @@ class CaptionShards(IterableDataset):
                 name = f"{shard}:{key}"
                 img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
                 caption = parts.get("txt")
-                bad.attempts += 1
                 try:
                     if img_ext is None or caption is None:
                         raise ValueError(f"sample has {sorted(parts)}; needs an image ({IMAGE_EXTS}) and txt")
                     pil = _load_rgb(parts[img_ext])
+                    bad.ok(name)
                 except _BAD_IMAGE_ERRORS as e:
                     skipped += 1
-                    bad.record_bad(f"{name}.{img_ext}" if img_ext else name, e)
+                    bad_name = f"{name}.{img_ext}" if img_ext else name
+                    bad.failed(bad_name, bad_name, f"{type(e).__name__}: {e}")
                     continue
                 text = caption.decode("utf-8", errors="replace").strip()
                 sample: dict[str, Any] = {"image": self.transform(pil), "caption": text, "image_id": key,
