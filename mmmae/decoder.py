@@ -37,9 +37,14 @@ class MAEDecoder(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=embed_bias, **factory)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim, **factory))
         make = pos_table if callable(pos_table) else pos_table.clone
-        if make().shape[-1] != decoder_embed_dim:
-            raise ValueError(f"decoder position table has width {make().shape[-1]}, expected {decoder_embed_dim}")
-        register_fixed_buffer(self, "decoder_pos_embed", lambda: make().reshape(1, -1, decoder_embed_dim))
+
+        def table() -> torch.Tensor:
+            t = make()
+            if t.shape[-1] != decoder_embed_dim:
+                raise ValueError(f"decoder position table has width {t.shape[-1]}, expected {decoder_embed_dim}")
+            return t.reshape(1, -1, decoder_embed_dim)
+
+        register_fixed_buffer(self, "decoder_pos_embed", table)
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,  # type: ignore[arg-type]
                   attn_impl=attn_impl, norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6, **factory), **factory)
