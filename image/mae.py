@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmmae.decoder import MAEDecoder
+from mmmae.decoder import TEST_DECODER, MAEDecoder
 from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.pos_embed import sincos_pos_embed_2d
 from mmmae.masking import check_mask, mask_to_indices, random_mask
@@ -77,6 +77,7 @@ def _mae_mask_fn(cfg: MAECfg) -> MaskFn:
     return lambda b, g, modality="image": {"mask": random_mask(b, grid * grid, cfg.mask_ratio, generator=g)}
 
 
-@register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn)
+# MAE keeps one decoder (512 wide, 8 blocks, 16 heads) for ViT-B/L/H (facebookresearch/mae models_mae.py).
+@register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn, size_recipe={"vit_tiny_test": TEST_DECODER})
 def _build_mae(cfg: MAECfg) -> MAE:
     return MAE(cfg)

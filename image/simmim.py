@@ -57,6 +57,7 @@ def _simmim_mask_fn(cfg: SimMIMCfg) -> MaskFn:
     return lambda b, g, modality="image": {"mask": block_mask(b, (grid, grid), cfg.mask_ratio, mask_patch_size=s, generator=g)}
 
 
-@register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn)
+# 32-px mask blocks need a patch size that divides 32: ViT-H takes 16-px patches here.
+@register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn, size_recipe={"vit_huge": {"patch_size": 16}})
 def _build_simmim(cfg: SimMIMCfg) -> SimMIM:
     return SimMIM(cfg)

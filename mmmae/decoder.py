@@ -13,6 +13,9 @@ from mmmae.layers.fixed import register_fixed_buffer
 from mmmae.layers.attention import AttnImpl
 from mmmae.masking import gather_tokens, restore_tokens
 
+# The decoder every method gives the ``vit_tiny_test`` encoder (unit tests, CPU smoke runs).
+TEST_DECODER = {"decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+
 
 class MAEDecoder(nn.Module):
     """Encoder tokens of the visible positions -> a prediction for every (or every selected) position.

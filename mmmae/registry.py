@@ -1,8 +1,10 @@
-"""MODELS: method name -> (config dataclass, builder, mask maker).
+"""MODELS: method name -> (config dataclass, builder, mask maker, size recipe).
 
-A method registers once; sizes are data (``configs/sizes/*.yaml``). ``create_model(name, size=...,
-**overrides)`` resolves defaults < size preset < overrides, rejecting unknown keys with the nearest
-valid one.
+A method registers once; encoder sizes are data (``configs/sizes/*.yaml``) and describe the encoder
+only (``PRESET_KEYS``). What a size means for the rest of a method (VideoMAE's decoder narrows with the
+encoder, MAE's does not) is that method's own ``size_recipe``. ``create_model(name, size=...,
+**overrides)`` resolves defaults < size preset < the method's recipe for that size < overrides,
+rejecting unknown keys with the nearest valid one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from torch import nn
 # ("image", "video" or "text") is the batch's main input, for methods that mix modalities (OmniMAE).
 MaskFn = Callable[..., dict[str, torch.Tensor]]
 
+# The only fields a size preset may set: the encoder's shape (timm names).
+PRESET_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -31,17 +36,25 @@ class ModelSpec:
     build: Callable[[Any], nn.Module]
     # Makes the batch's masks in the data pipeline: (batch_size, generator) -> {"mask": (B, L) bool, ...}.
     make_mask_fn: Callable[[Any], MaskFn] | None = None
+    # Size preset name -> the method's own fields for that encoder size (e.g. decoder widths).
+    size_recipe: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskFn] | None = None
+def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskFn] | None = None, *,
+                   size_recipe: dict[str, dict[str, Any]] | None = None
                    ) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
     def deco(build: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelSpec(name, cfg_cls, build, make_mask_fn)
+        fields = {f.name for f in dataclasses.fields(cfg_cls)}
+        for size, values in (size_recipe or {}).items():
+            stray = sorted(set(values) - fields)
+            if stray:
+                raise ValueError(f"model {name!r}: size recipe {size!r} sets fields {cfg_cls.__name__} lacks: {stray}")
+        MODELS[name] = ModelSpec(name, cfg_cls, build, make_mask_fn, dict(size_recipe or {}))
         return build
     return deco
 
@@ -85,10 +98,18 @@ def list_sizes() -> list[str]:
 
 
 def load_size(size: str) -> dict[str, Any]:
+    """An encoder size preset: only ``PRESET_KEYS`` (a decoder or any method field is an error)."""
     path = resources.files("mmmae.configs").joinpath("sizes", f"{size}.yaml")
     if not path.is_file():
-        raise ValueError(f"unknown size preset {size!r}; available: {', '.join(list_sizes())}")
-    return yaml.safe_load(path.read_text()) or {}
+        near = difflib.get_close_matches(size, list_sizes(), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown size preset {size!r}{hint}; available: {', '.join(list_sizes())}")
+    values = yaml.safe_load(path.read_text()) or {}
+    stray = sorted(set(values) - set(PRESET_KEYS))
+    if stray:
+        raise ValueError(f"size preset {path}: {stray} are not encoder-shape keys; a preset may set only "
+                         f"{', '.join(PRESET_KEYS)} (decoders belong to each method's size recipe)")
+    return values
 
 
 def unknown_key_error(key: str, valid: list[str], where: str) -> KeyError:
@@ -98,13 +119,14 @@ def unknown_key_error(key: str, valid: list[str], where: str) -> KeyError:
 
 
 def resolve_model_cfg(name: str, size: str | None = None, **overrides: Any) -> Any:
-    """Build the method's config: dataclass defaults < size preset < overrides."""
+    """Build the method's config: dataclass defaults < size preset < the method's recipe for that
+    size < overrides."""
     spec = get_spec(name)
     fields = {f.name: f for f in dataclasses.fields(spec.cfg_cls)}
     values: dict[str, Any] = {}
     if size:
-        # A size preset may name fields a method lacks (a decoder for SimMIM): those are skipped.
-        values.update({k: v for k, v in load_size(size).items() if k in fields})
+        values.update(load_size(size))
+        values.update(spec.size_recipe.get(size, {}))
     for k, v in overrides.items():
         if k not in fields:
             raise unknown_key_error(k, list(fields), f"model {name!r}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mmmae.decoder import MAEDecoder
+from mmmae.decoder import TEST_DECODER, MAEDecoder
 from mmmae.encoder import VisionEncoder
 from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patch_embed import patch_linear
@@ -257,7 +257,19 @@ def _videomae_mask_fn(cfg: VideoMAECfg) -> MaskFn:
     return make
 
 
-@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn)
+# VideoMAE's decoder narrows with the encoder; 4 blocks for all (MCG-NJU/VideoMAE modeling_pretrain.py
+# pretrain_videomae_{small,base,large,huge}_patch16_224 with the scripts' --decoder_depth 4). Its ViT-H
+# uses 16-px patches, where the shared ViT-H preset has MAE's 14.
+VIDEOMAE_SIZES: dict[str, dict[str, int]] = {
+    "vit_tiny_test": TEST_DECODER,
+    "vit_small": {"decoder_embed_dim": 192, "decoder_depth": 4, "decoder_num_heads": 3},
+    "vit_base": {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 6},
+    "vit_large": {"decoder_embed_dim": 512, "decoder_depth": 4, "decoder_num_heads": 8},
+    "vit_huge": {"patch_size": 16, "decoder_embed_dim": 640, "decoder_depth": 4, "decoder_num_heads": 8},
+}
+
+
+@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn, size_recipe=VIDEOMAE_SIZES)
 def _build_videomae(cfg: VideoMAECfg) -> VideoMAE:
     return VideoMAE(cfg)
 
@@ -368,7 +380,9 @@ def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
     return make
 
 
-@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn)
+# omnivore publishes one OmniMAE pretraining config (ViT-B, omnimae_vitbase_ssv2_in1k.yaml): its decoder
+# (384 wide, 4 blocks, 16 heads) is kept for every encoder size.
+@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn, size_recipe={"vit_tiny_test": TEST_DECODER})
 def _build_omnimae(cfg: OmniMAECfg) -> OmniMAE:
     return OmniMAE(cfg)
 
@@ -461,7 +475,9 @@ def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
     return lambda b, g, modality="image": {"mask": block_mask(b, grid, cfg.mask_ratio, mask_patch_size=s, generator=g)}
 
 
-@register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn)
+# BEVT's block masks are in 16-px patches (BEiT): ViT-H takes 16-px patches here.
+@register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn,
+                size_recipe={"vit_huge": {"patch_size": 16}})
 def _build_bevt_spatial(cfg: BEVTSpatialCfg) -> BEVTSpatial:
     return BEVTSpatial(cfg)
 
@@ -608,6 +624,6 @@ def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
     return make
 
 
-@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn)
+@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, size_recipe={"vit_huge": {"patch_size": 16}})
 def _build_bevt(cfg: BEVTCfg) -> BEVT:
     return BEVT(cfg)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmmae.decoder import TEST_DECODER
 from mmmae.encoder import VisionEncoder, init_vit_weights
 from mmmae.heads import EncoderCfg, EncoderModel
 from mmmae.heads import vision_encoder_state as core_vision_encoder_state
@@ -467,6 +468,11 @@ def _m3ae_mask_fn(cfg: M3AECfg) -> MaskFn:
     return make
 
 
-@register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn)
+# M3AE keeps one decoder (512 wide, 8 blocks, 16 heads) for small/base/large/huge and 16-px patches for
+# all of them (young-geng/m3ae_public m3ae/model.py get_transformer_by_config, m3ae_main.py patch_size 16).
+M3AE_SIZES: dict[str, dict[str, int]] = {"vit_tiny_test": TEST_DECODER, "vit_huge": {"patch_size": 16}}
+
+
+@register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn, size_recipe=M3AE_SIZES)
 def _build_m3ae(cfg: M3AECfg) -> M3AE:
     return M3AE(cfg)
