@@ -17,6 +17,16 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 VENV_BIN = Path(sys.executable).parent
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI (``CI=true``) missing sample data fails the run instead of skipping the tests that need it."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    missing = [str(p) for p in (VIDEOS, COCO_MINI, FASHION_MNIST) if not p.is_dir()]
+    if missing:
+        raise pytest.UsageError(f"CI run without the sample data the tests need: {', '.join(missing)} "
+                                "(../shared/data beside the clone; Fashion-MNIST from Debian's dataset-fashion-mnist)")
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for DeepSpeed on CPU: the cpu accelerator, one thread per process."""
     env = dict(os.environ)

@@ -72,7 +72,7 @@ def make_batch(name: str, model: nn.Module, cfg: Any, seed: int = 0) -> dict[str
         shape = (B, chans, frames, *size) if frames > 0 else (B, chans, *size)
         batch = {"video" if frames > 0 else "image": torch.randn(*shape, generator=gen)}
     else:
-        pytest.skip(f"{name}: no img_size field and no example_batch(batch_size); cannot make an input batch")
+        pytest.fail(f"{name}: no img_size field and no example_batch(batch_size); cannot make an input batch")
     spec = get_spec(name)
     if spec.make_mask_fn is not None and "mask" not in batch:
         batch.update(spec.make_mask_fn(cfg)(B, gen))
@@ -86,7 +86,7 @@ def run(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
         return model(batch)
     except KeyError as e:
         if e.args and e.args[0] not in batch:
-            pytest.skip(f"{name} needs batch key {e.args[0]!r}; give the model an example_batch(batch_size)")
+            pytest.fail(f"{name} needs batch key {e.args[0]!r}; give the model an example_batch(batch_size)")
         raise
 
 
