@@ -100,9 +100,8 @@ class LoopCfg:
     grad_checkpointing: bool = False
     compile: bool = False
     progress: bool = True
-    mixup: float = 0.0  # fine-tuning: mixup alpha, cutmix alpha, label smoothing (timm's Mixup)
+    mixup: float = 0.0  # fine-tuning: mixup and cutmix alpha (timm's Mixup; smoothing is model.label_smoothing)
     cutmix: float = 0.0
-    label_smoothing: float = 0.0
 
 
 @dataclass

@@ -74,6 +74,16 @@ def test_deepspeed_config_fields_and_conflicts() -> None:
     bad = load_config(None, ["data.batch_size=4", "ds.train_micro_batch_size_per_gpu=8"])
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
         deepspeed_config(bad, 1, "fp32")
+    # One knob per quantity: a ds field that disagrees with its owner names both keys.
+    clip = load_config(None, ["optim.clip_grad=1.0", "ds.gradient_clipping=5.0"])
+    with pytest.raises(ValueError, match=r"ds.gradient_clipping=5.0 disagrees with optim.clip_grad"):
+        deepspeed_config(clip, 1, "fp32")
+    agree = load_config(None, ["optim.clip_grad=1.0", "ds.gradient_clipping=1.0"])
+    assert deepspeed_config(agree, 1, "fp32")["gradient_clipping"] == 1.0
+    half = load_config(None, ["ds.fp16.enabled=true"])
+    with pytest.raises(ValueError, match=r"ds.fp16.enabled=True disagrees with train.precision"):
+        deepspeed_config(half, 1, "bf16")
+    assert deepspeed_config(half, 1, "fp16")["fp16"]["enabled"]
 
 
 def test_config_is_read_only_and_every_packaged_config_loads(tmp_path: Path) -> None:

@@ -30,10 +30,6 @@ from mmmae.registry import build_from_cfg, get_spec
 
 log = logging.getLogger("mmmae.train")
 
-DERIVED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                   "gradient_clipping", "bf16", "fp16")
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -76,10 +72,21 @@ def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[s
         "bf16": {"enabled": precision == "bf16_weights"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
     }
-    for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+    # One knob per quantity: the fields DeepSpeed would take from ``ds`` come from the training config,
+    # and a hand-set ``ds`` value that disagrees is an error naming both keys.
+    owners = {"train_micro_batch_size_per_gpu": "data.batch_size x data.num_samples",
+              "gradient_accumulation_steps": "train.accum_steps",
+              "train_batch_size": "data.batch_size x data.num_samples x train.accum_steps x world size",
+              "gradient_clipping": "optim.clip_grad"}
+    for k, owner in owners.items():
         if k in user and user[k] != derived[k]:
-            raise ValueError(f"ds.{k}={user[k]} disagrees with the value derived from data.batch_size / "
-                             f"train.accum_steps / world size ({derived[k]}); set those instead")
+            raise ValueError(f"ds.{k}={user[k]} disagrees with {owner} ({derived[k]}); set {owner.split(' ')[0]} "
+                             f"instead and leave ds.{k} out")
+    for k in ("bf16", "fp16", "torch_autocast"):
+        given = user.get(k, {}).get("enabled") if isinstance(user.get(k), dict) else None
+        if given is not None and bool(given) != derived[k]["enabled"]:
+            raise ValueError(f"ds.{k}.enabled={given} disagrees with train.precision (resolved to {precision!r}); "
+                             f"choose the precision with train.precision and leave ds.{k}.enabled out")
     out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **user}
     for k, v in derived.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -144,7 +151,7 @@ def build_mixup(cfg: DictConfig, mcfg: Any) -> Any:
         return None
     from timm.data import Mixup
     return Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix,
-                 label_smoothing=cfg.train.label_smoothing, num_classes=mcfg.num_classes)
+                 label_smoothing=mcfg.label_smoothing, num_classes=mcfg.num_classes)
 
 
 def apply_mixup(mixup: Any, batch: dict[str, Any]) -> dict[str, Any]:
