@@ -117,25 +117,33 @@ def test_missing_data_path_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_during_checkpointing_never_leaves_a_resumable_partial(tmp_path: Path, fashion_mnist: Path) -> None:
-    """kill -9 a run that checkpoints every step at several moments; whatever is left, resume=auto
-    only ever picks a complete checkpoint and the run continues to the end."""
-    from mmmae.engine.checkpoint import MARKER, complete_checkpoints, resolve_resume
+    """kill -9 a run while a checkpoint is written but not yet published (the publication is slowed on
+    purpose): the partial folder is there, resume=auto passes over it for the previous complete one,
+    and the resumed run reaches the end."""
+    from mmmae.engine.checkpoint import MARKER, PUBLISH_DELAY_ENV, ckpt_root, resolve_resume
 
     run = tmp_path / "killed"
     args = [sys.executable, str(ROOT / "tools" / "train.py"), *TINY, f"output_dir={run}", "train.max_steps=400",
             "train.ckpt_every=1", "train.keep_last=3", "resume=auto"]
-    for delay in (9.0, 10.5):
-        proc = subprocess.Popen(args, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not complete_checkpoints(run) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        time.sleep(delay - 9.0 + 0.3)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for ckpt in complete_checkpoints(run):
-            assert (ckpt / MARKER).is_file() and (ckpt / "mp_rank_00_model_states.pt").is_file()
-        latest = resolve_resume("auto", run)
-        assert latest is not None and not latest.name.endswith(".tmp")
+    proc = subprocess.Popen(args, cwd=ROOT, env=cpu_env(**{PUBLISH_DELAY_ENV: "4"}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    root = ckpt_root(run)
+
+    def partial_written() -> list[Path]:
+        # A second checkpoint whose model file is on disk while it waits to be published.
+        return [p for p in root.glob("step_*.tmp") if (p / "mp_rank_00_model_states.pt").is_file()] \
+            if (root / "step_00000001").is_dir() else []
+
+    deadline = time.time() + 180
+    while not partial_written() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = partial_written()
+    assert partial, "the run never reached a written, unpublished checkpoint"
+    assert not (partial[0] / MARKER).is_file()
+    latest = resolve_resume("auto", run)
+    assert latest is not None and latest.name == "step_00000001" and (latest / MARKER).is_file()
     start = int(resolve_resume("auto", run).name.split("_")[1])  # type: ignore[union-attr]
     run_tool("train.py", [*TINY, f"output_dir={run}", f"train.max_steps={start + 4}", "train.ckpt_every=100",
                           "resume=auto", "train.log_every=1"])

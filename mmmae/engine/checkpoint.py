@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
+# Fault drills: seconds to wait between writing a checkpoint's files and publishing it, which opens a
+# window in which a kill leaves a written but unpublished (".tmp") checkpoint.
+PUBLISH_DELAY_ENV = "MMMAE_CKPT_PUBLISH_DELAY_S"
 
 
 def ckpt_root(output_dir: str | Path) -> Path:
@@ -76,6 +80,9 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, client_state
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(rng, root / tmp_tag / f"rng_rank{D.rank()}.pt")
+    delay = float(os.environ.get(PUBLISH_DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
     D.barrier()
     final = root / name
     if D.is_main():
