@@ -38,7 +38,7 @@ def evaluate_image_classifier(cfg: DictConfig, checkpoint: str, *, progress: boo
         logits = model({"image": batch["image"].to(device)})["logits"].float().cpu()
         scores.append(logits.softmax(-1))
         labels.append(batch["label"])
-        skipped += int(batch.get("skipped_videos", 0))
+        skipped += int(batch["skipped_images"])
     s, y = torch.cat(scores), torch.cat(labels)
     return {"metrics": classification_metrics(s, y, topk=(1, 5)), "num_images": len(y), "num_unreadable": skipped,
             "checkpoint": checkpoint, "load": {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)},

@@ -140,7 +140,7 @@ def test_mask_collator_is_reproducible_per_batch() -> None:
     samples = [{"image": torch.zeros(3, 32, 32), "index": i, "skipped": i % 2} for i in range(4)]
     a, b = MaskCollator(fn, seed=0), MaskCollator(fn, seed=0)
     out_a, out_b = a(samples), b(samples)
-    assert torch.equal(out_a["mask"], out_b["mask"]) and out_a["skipped_videos"] == 2
+    assert torch.equal(out_a["mask"], out_b["mask"]) and out_a["skipped_images"] == 2
     assert not torch.equal(out_a["mask"], a(samples[::-1])["mask"])
     b.set_epoch(1)
     assert not torch.equal(out_a["mask"], b(samples)["mask"])

@@ -33,7 +33,7 @@ def test_image_folder_with_classes_and_an_unreadable_file(tmp_path: Path) -> Non
     sample = ds[broken]
     assert sample["skipped"] == 1 and sample["image"].shape == (3, 32, 32) and sample["label"] in (0, 1)
     batch = collate_dicts([ds[i] for i in range(len(ds))])
-    assert batch["image"].shape == (7, 3, 32, 32) and batch["skipped_videos"] == 1
+    assert batch["image"].shape == (7, 3, 32, 32) and batch["skipped_images"] == 1 and "skipped_videos" not in batch
 
 
 def test_image_folder_flat_is_unlabelled_and_errors_name_the_path(tmp_path: Path) -> None:

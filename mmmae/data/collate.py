@@ -18,10 +18,19 @@ def flatten_samples(samples: Sequence[Any]) -> list[dict[str, Any]]:
     return flat
 
 
-def collate_dicts(samples: Sequence[Any], counter_name: str = "skipped_videos") -> dict[str, Any]:
-    """Stack dict samples; the per-sample ``skipped`` count becomes one integer ``counter_name``;
-    strings stay lists."""
+def skip_counter_name(sample: dict[str, Any]) -> str:
+    """The batch counter for a sample's skipped inputs, named for what was skipped."""
+    for key, name in (("video", "skipped_videos"), ("image", "skipped_images")):
+        if key in sample:
+            return name
+    return "skipped_inputs"
+
+
+def collate_dicts(samples: Sequence[Any]) -> dict[str, Any]:
+    """Stack dict samples; the per-sample ``skipped`` count becomes one integer counter named for
+    what was skipped (``skipped_videos``, ``skipped_images``); strings stay lists."""
     flat = flatten_samples(samples)
+    counter_name = skip_counter_name(flat[0])
     skipped = sum(int(s.get("skipped", 0)) for s in flat)
     keys = [k for k in flat[0] if k != "skipped"]
     batch: dict[str, Any] = {}

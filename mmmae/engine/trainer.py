@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from mmmae.config import dump_config, effective_lr, model_cfg
+from mmmae.config import ConfigError, dump_config, effective_lr, model_cfg
 from mmmae.data.collate import MaskCollator, collate_dicts
 from mmmae.data.registry import build_dataset
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
@@ -96,24 +96,51 @@ def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[s
     return out
 
 
-def load_init_weights(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
+def pretrain_grid(mcfg: Any, path: Path) -> tuple[tuple[int, ...] | None, str]:
+    """The token grid the ``init_from`` weights were pretrained on, for resizing a learned position
+    table, and where it was read: ``model.init_img_size``, else the pretraining run's ``config.yaml``
+    in the weights' folder (tools/train.py writes both there), else None (taken to be the model's)."""
+    if mcfg.init_img_size > 0:
+        size, patch, frames, tubelet, where = (mcfg.init_img_size, mcfg.patch_size, mcfg.num_frames,
+                                               mcfg.tubelet_size, "model.init_img_size")
+    elif (path.parent / "config.yaml").is_file():
+        try:
+            pre = model_cfg(OmegaConf.load(path.parent / "config.yaml").model)
+        except ConfigError as e:
+            raise ConfigError(f"cannot read the pretraining grid from {path.parent / 'config.yaml'} ({e}); "
+                              f"set model.init_img_size to the image size the weights were trained at") from None
+        size, patch, frames, tubelet, where = (pre.img_size, pre.patch_size, pre.num_frames, pre.tubelet_size,
+                                               str(path.parent / "config.yaml"))
+    else:
+        return None, "none given: the model's own grid"
+    spatial = (size // patch, size // patch)
+    return ((frames // tubelet, *spatial) if frames else spatial), where
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
     """``init_from``: weights from a pretraining run (``model.safetensors`` or a checkpoint file).
 
     A model with ``load_pretrained`` (e.g. BEVT's inflation) decides itself; a classifier takes the
-    encoder part; anything else loads non-strictly. Missing and unexpected keys are returned.
+    encoder part, its learned position table resized from the pretraining grid (``pos_embed`` in the
+    report says from which grid to which, and where the grid was read); anything else loads
+    non-strictly. Missing and unexpected keys are returned.
     """
     from mmmae.convert import load_checkpoint_file
-    from mmmae.heads import Classifier, load_encoder_weights
+    from mmmae.heads import Classifier, load_encoder_state
 
     state = load_checkpoint_file(path)
+    report: dict[str, Any] = {}
     if hasattr(model, "load_pretrained"):
         missing, unexpected = model.load_pretrained(state)
     elif isinstance(model, Classifier):
-        missing, unexpected = load_encoder_weights(model, state)
+        grid, where = pretrain_grid(model.cfg, Path(path)) if model.learned_pos else (None, "not used")
+        res = load_encoder_state(model, state, source_grid=grid)
+        missing, unexpected = res.missing, res.unexpected
+        report["pos_embed"] = {**res.pos_embed, "grid_from": where}
     else:
         res = model.load_state_dict(state, strict=False)
         missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
-    return {"missing": list(missing), "unexpected": list(unexpected)}
+    return {"missing": list(missing), "unexpected": list(unexpected), **report}
 
 
 def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -187,8 +214,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.init_from:
         init_report = load_init_weights(model, cfg.init_from)
         if D.is_main():
-            log.info("init_from %s: missing %s, unexpected %s", cfg.init_from, init_report["missing"],
-                     init_report["unexpected"])
+            log.info("init_from %s: missing %s, unexpected %s, position table %s", cfg.init_from,
+                     init_report["missing"], init_report["unexpected"], init_report.get("pos_embed", "-"))
             (out_dir / "init_report.json").write_text(json.dumps({"init_from": cfg.init_from, **init_report}, indent=1))
     if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
@@ -232,7 +259,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     step, epoch, epoch_batches = 0, 0, 0
     nonfinite_total = 0
     # Unreadable inputs the datasets skipped, by batch counter (skipped_videos, skipped_images).
-    skipped: dict[str, int] = {"skipped_videos": 0}
+    skipped: dict[str, int] = {}
     resume_from = resolve_resume(cfg.resume, out_dir)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
