@@ -89,6 +89,20 @@ def all_reduce_weighted_mean(sums: dict[str, float], counts: dict[str, int]) -> 
     return {k: (sk / ck if ck else float("nan")) for k, sk, ck in zip(keys, s, c)}
 
 
+def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Sum integer counters over ranks; ranks may hold different keys (an image batch counts
+    ``skipped_images``, a video batch ``skipped_videos``): the union of keys is agreed first."""
+    keys = sorted(counts)
+    if not dist.is_initialized() or world_size() == 1:
+        return {k: int(counts[k]) for k in keys}
+    gathered: list[list[str]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(gathered, keys)
+    keys = sorted({k for ks in gathered for k in ks})
+    t = torch.tensor([int(counts.get(k, 0)) for k in keys], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t)
+    return dict(zip(keys, (int(v) for v in t.tolist())))
+
+
 def all_reduce_sum(value: float) -> float:
     if not dist.is_initialized() or world_size() == 1:
         return value

@@ -361,7 +361,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 means = D.all_reduce_weighted_mean(acc, acc_n)
                 samples = D.all_reduce_sum(window_samples)
                 tokens = D.all_reduce_sum(window_tokens)
-                skipped_all = {k: int(D.all_reduce_sum(v)) for k, v in sorted(skipped.items())}
+                skipped_all = D.all_reduce_counts(skipped)
                 last_record = {"step": step, "epoch": epoch + epoch_batches / batches_per_epoch, **means,
                                "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
                                "tokens_per_s": tokens / elapsed, **skipped_all,
