@@ -11,7 +11,7 @@ from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.pos_embed import sincos_pos_embed_2d
 from mmmae.masking import check_mask, mask_to_indices, random_mask
 from mmmae.registry import MaskFn, register_model
-from mmmae.targets import HOGTarget, image_pixel_target, masked_mse
+from mmmae.targets import HOG_VARIANTS, HOGTarget, image_pixel_target, masked_mse
 
 
 @dataclass
@@ -22,6 +22,8 @@ class MAECfg(EncoderCfg):
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     target: str = "pixel"  # "pixel" or "hog" (MaskFeat's target)
+    # With target=hog: "maskfeat" (SlowFast HOGLayerC, no window) or "mmpretrain" (HOGGenerator, 16-px Gaussian).
+    hog_variant: str = "maskfeat"
 
 
 class MAE(EncoderModel):
@@ -35,10 +37,12 @@ class MAE(EncoderModel):
         super().__init__()
         if cfg.target not in ("pixel", "hog"):
             raise ValueError(f"MAE target must be 'pixel' or 'hog', got {cfg.target!r}")
+        if cfg.hog_variant not in HOG_VARIANTS:
+            raise ValueError(f"MAE hog_variant must be one of {HOG_VARIANTS}, got {cfg.hog_variant!r}")
         self.cfg = cfg
         self.encoder = build_vision_encoder(cfg)
         self.grid_size = self.encoder.grid_size
-        self.hog = HOGTarget(cfg.patch_size) if cfg.target == "hog" else None
+        self.hog = HOGTarget(cfg.patch_size, variant=cfg.hog_variant) if cfg.target == "hog" else None
         out_dim = self.hog.out_dim(cfg.in_chans) if self.hog else cfg.patch_size**2 * cfg.in_chans
         self.decoder = MAEDecoder(
             cfg.embed_dim, out_dim, lambda: sincos_pos_embed_2d(cfg.decoder_embed_dim, self.grid_size),

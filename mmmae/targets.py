@@ -29,12 +29,16 @@ def image_pixel_target(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> t
 
 
 def video_pixel_target(videos: torch.Tensor, patch_size: int, tubelet_size: int, norm_pix: bool, *,
-                       unnormalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """VideoMAE's target: (B, C, T, H, W) -> (B, L, pt*p*p*C).
+                       unnormalize: bool = True, eps: float = 1e-6, eps_inside_sqrt: bool = False) -> torch.Tensor:
+    """Per-channel tubelet pixels as a target: (B, C, T, H, W) -> (B, L, pt*p*p*C).
 
-    VideoMAE first undoes the ImageNet normalisation (pixels back to [0, 1]); with ``norm_pix`` every
-    tubelet is then normalised per channel over its pt*p*p pixels (unbiased std + eps, outside the
-    square root, as in the reference and Hugging Face ``VideoMAEForPreTraining``).
+    The ImageNet normalisation is undone first (pixels back to [0, 1]); with ``norm_pix`` every
+    tubelet is then normalised per channel over its pt*p*p pixels with the unbiased variance. Where
+    the epsilon goes differs between the references, and matters on flat patches (std ~ 0):
+    VideoMAE (MCG-NJU/VideoMAE engine_for_pretraining.py, as Hugging Face ``VideoMAEForPreTraining``)
+    divides by ``std + eps`` (the default here); OmniMAE (facebookresearch/omnivore
+    omnivision/losses/mae_loss.py ``MAELoss.compute_mae_loss`` with ``norm_pix_per_channel``) divides by
+    ``(var + eps) ** 0.5`` (``eps_inside_sqrt=True``), as MAE does per patch.
     """
     v = videos.float()
     if unnormalize and v.shape[1] == 3:
@@ -43,62 +47,112 @@ def video_pixel_target(videos: torch.Tensor, patch_size: int, tubelet_size: int,
         v = v * std + mean
     t = patchify_video(v, patch_size, tubelet_size, split_channels=True)  # (B, L, P, C)
     if norm_pix:
-        t = (t - t.mean(dim=-2, keepdim=True)) / (t.var(dim=-2, keepdim=True).sqrt() + eps)
+        var = t.var(dim=-2, keepdim=True)
+        scale = (var + eps).sqrt() if eps_inside_sqrt else var.sqrt() + eps
+        t = (t - t.mean(dim=-2, keepdim=True)) / scale
     return t.flatten(2)
+
+
+HOG_VARIANTS = ("maskfeat", "mmpretrain")
+
+
+def gaussian_window(size: int, std: float) -> torch.Tensor:
+    """(size, size) Gaussian, centred between the middle pixels, normalised to sum 1 (mmpretrain
+    ``HOGGenerator.get_gaussian_kernel``; SlowFast ``slowfast/models/utils.py`` ``get_gkern``)."""
+    r = (torch.arange(size, dtype=torch.float32) - (size - 1) / 2) / std
+    g = torch.exp(-0.5 * r**2)
+    g2 = torch.outer(g, g)
+    return g2 / g2.sum()
 
 
 class HOGTarget(nn.Module):
     """Histograms of oriented gradients as a reconstruction target (MaskFeat, Wei et al. 2022, sec. 3).
 
-    Per RGB channel: Sobel gradients, unsigned orientation quantised into ``nbins`` bins (9), the
-    gradient magnitude (Gaussian-weighted inside each patch window as MaskFeat does) summed over
-    ``cell_size`` x ``cell_size`` cells (8x8); each patch's histograms are L2-normalised together.
+    As SlowFast's ``HOGLayerC`` (slowfast/models/operators.py) and the way ``MaskMViT._get_hog_label_2d``
+    (slowfast/models/masked.py) groups it: per colour channel, 3x3 Sobel gradients on the reflect-padded
+    image; each pixel's magnitude goes to bin ``floor(atan2(gx, gy) / pi * nbins) mod nbins``
+    (unsigned orientation, 9 bins); bins are summed over ``cell_size`` x ``cell_size`` cells (8x8) and
+    each cell's histogram is L2-normalised on its own (per channel); a patch's target is its cells'
+    histograms, ordered (channel, bin, cell row, cell column).
     (B, C, H, W) -> (B, L, C * nbins * (p/cell)^2).
+
+    ``variant="maskfeat"`` (default) uses no spatial weighting, as MaskFeat's own code (``HOGLayerC``
+    is built with ``gaussian_window=0``). ``variant="mmpretrain"`` weights each magnitude by a
+    ``gaussian_window``-pixel Gaussian (std ``gaussian_window // 2``, normalised to sum 1) tiled over
+    the image, as open-mmlab/mmpretrain's ``HOGGenerator`` (mmpretrain/models/selfsup/maskfeat.py,
+    ``gaussian_window=16``).
     """
 
-    def __init__(self, patch_size: int = 16, nbins: int = 9, cell_size: int = 8, gaussian_sigma: float | None = None) -> None:
+    def __init__(self, patch_size: int = 16, nbins: int = 9, cell_size: int = 8, variant: str = "maskfeat",
+                 gaussian_window_size: int = 16) -> None:
         super().__init__()
+        if variant not in HOG_VARIANTS:
+            raise ValueError(f"HOG variant must be one of {HOG_VARIANTS}, got {variant!r}")
         if patch_size % cell_size:
             raise ValueError(f"patch_size {patch_size} must be a multiple of cell_size {cell_size}")
-        self.patch_size, self.nbins, self.cell_size = patch_size, nbins, cell_size
-        def sobel() -> torch.Tensor:
-            return torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+        if variant == "mmpretrain" and gaussian_window_size <= 0:
+            raise ValueError(f"gaussian_window_size must be > 0 for the mmpretrain HOG, got {gaussian_window_size}")
+        self.patch_size, self.nbins, self.cell_size, self.variant = patch_size, nbins, cell_size, variant
+        self.window_size = gaussian_window_size if variant == "mmpretrain" else 0
 
-        def window() -> torch.Tensor:
-            sigma = gaussian_sigma if gaussian_sigma is not None else patch_size / 2
-            r = torch.arange(patch_size, dtype=torch.float32) - (patch_size - 1) / 2
-            g = torch.exp(-(r**2) / (2 * sigma**2))
-            return torch.outer(g, g)
+        def sobel_x() -> torch.Tensor:  # HOGLayerC's weight_x; weight_y is its transpose
+            return torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])[None, None]
 
-        register_fixed_buffer(self, "weight_x", lambda: sobel()[None, None])
-        register_fixed_buffer(self, "weight_y", lambda: sobel().t()[None, None].contiguous())
-        register_fixed_buffer(self, "window", window)
+        register_fixed_buffer(self, "weight_x", sobel_x)
+        register_fixed_buffer(self, "weight_y", lambda: sobel_x().transpose(2, 3).contiguous())
+        if self.window_size:
+            size = self.window_size
+            register_fixed_buffer(self, "window", lambda: gaussian_window(size, float(size // 2)))
 
     def out_dim(self, in_chans: int = 3) -> int:
         return in_chans * self.nbins * (self.patch_size // self.cell_size) ** 2
 
-    @torch.no_grad()
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+    def _check_size(self, h: int, w: int) -> None:
+        for side in (self.patch_size, self.window_size):
+            if side and (h % side or w % side):
+                raise ValueError(f"HOG needs image sides that are multiples of {side}, got {h}x{w}")
+
+    def cell_histograms(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, nbins, H/cell, W/cell): each cell's histogram, unit L2 norm (or zero)."""
         b, c, h, w = imgs.shape
+        self._check_size(h, w)
         x = F.pad(imgs.float().reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
         gx = F.conv2d(x, self.weight_x.float())  # buffers may have been cast to bf16 with the model
         gy = F.conv2d(x, self.weight_y.float())
         mag = torch.sqrt(gx**2 + gy**2)
-        # Unsigned orientation in [0, pi) -> nbins bins.
-        phase = torch.atan2(gy, gx) % math.pi
-        bins = (phase / math.pi * self.nbins).long().clamp_(max=self.nbins - 1)
-        p = self.patch_size
-        mag = mag * self.window.float().repeat(h // p, w // p)[None, None]
+        # HOGLayerC's binning, argument order included: atan2(gx, gy) in (-pi, pi] scaled to (-9, 9],
+        # floored, then taken mod 9 (so opposite gradients share a bin).
+        bins = torch.floor(torch.atan2(gx, gy) / math.pi * self.nbins).long().remainder(self.nbins)
+        if self.window_size:
+            ws = self.window_size
+            mag = mag * self.window.float().repeat(h // ws, w // ws)
         hist = torch.zeros(b * c, self.nbins, h, w, device=imgs.device)
-        hist.scatter_(1, bins, mag)
+        hist.scatter_add_(1, bins, mag)
         cs = self.cell_size
-        hist = F.avg_pool2d(hist, cs, stride=cs) * cs * cs  # sum over each cell: (B*C, nbins, h/cs, w/cs)
-        hist = hist.reshape(b, c, self.nbins, h // cs, w // cs)
-        k = p // cs
-        # Group cells by patch: (B, L, C * nbins * k * k).
-        hist = hist.reshape(b, c, self.nbins, h // p, k, w // p, k).permute(0, 3, 5, 1, 2, 4, 6)
-        hist = hist.reshape(b, (h // p) * (w // p), -1)
-        return F.normalize(hist, dim=-1)
+        hist = hist.reshape(b, c, self.nbins, h // cs, cs, w // cs, cs).sum(dim=(4, 6))
+        return F.normalize(hist, p=2, dim=2)  # per cell and channel, over the bins (HOGLayerC)
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, C * nbins * k * k), k = patch/cell, tokens in row-major patch order."""
+        hist = self.cell_histograms(imgs)
+        b, c, nb, hc, wc = hist.shape
+        k = self.patch_size // self.cell_size
+        # MaskMViT._get_hog_label_2d: flatten (channel, bin), unfold k x k cells per patch.
+        hist = hist.reshape(b, c, nb, hc // k, k, wc // k, k).permute(0, 3, 5, 1, 2, 4, 6)
+        return hist.reshape(b, (hc // k) * (wc // k), -1)
+
+    @torch.no_grad()
+    def forward_video(self, videos: torch.Tensor, tubelet_size: int) -> torch.Tensor:
+        """MaskFeat's video target (``MaskMViT._get_hog_label_3d``): the HOG of the first frame of each
+        tubelet (frames ``::tubelet_size``). (B, C, T, H, W) -> (B, T/pt * h*w, C * nbins * k * k)."""
+        if videos.ndim != 5 or videos.shape[2] % tubelet_size:
+            raise ValueError(f"expected videos (B, C, T, H, W) with T a multiple of {tubelet_size}, "
+                             f"got {tuple(videos.shape)}")
+        b = videos.shape[0]
+        frames = videos[:, :, ::tubelet_size].transpose(1, 2).flatten(0, 1)  # (B*T/pt, C, H, W)
+        per_frame = self(frames)
+        return per_frame.reshape(b, -1, per_frame.shape[-1])
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ t-major too, so the same slicing is valid with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,11 @@ from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patch_embed import patch_linear
 from mmmae.layers.patchify import patchify_video, unpatchify_video
 from mmmae.layers.pos_embed import pos_table
-from mmmae.masking import (block_mask, check_mask, gather_tokens, mask_to_indices, random_mask, running_cell_mask,
-                           tube_mask)
+from mmmae.masking import (beit_block_mask, block_mask, check_mask, cyclic_tube_mask, gather_tokens, mask_to_indices,
+                           num_masked_floor, random_mask, running_cell_mask, tube_mask)
 from mmmae.registry import MaskFn, register_model
-from mmmae.targets import IMAGENET_MEAN, IMAGENET_STD, HOGTarget, image_pixel_target, masked_mse, video_pixel_target
+from mmmae.targets import (HOG_VARIANTS, IMAGENET_MEAN, IMAGENET_STD, HOGTarget, image_pixel_target, masked_mse,
+                           video_pixel_target)
 
 __all__ = [
     "VideoMAECfg", "VideoMAE", "OmniMAECfg", "OmniMAE", "BEVTSpatialCfg", "BEVTSpatial", "BEVTCfg", "BEVT",
@@ -135,12 +137,16 @@ def decoder_keep_mask(mask: torch.Tensor, grid_size: tuple[int, int, int], decod
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """VideoMAEv2's decoder mask for an encoder mask: (B, L) bool, True = not reconstructed.
 
-    Starts from the running-cell mask (``mmmae.masking.running_cell_mask``) and then moves as few
-    positions as needed, at random, so every sample leaves exactly ``N = round(M * kept share)``
-    hidden tokens to reconstruct (M hidden tokens, kept share = 1 - int(4 * ratio) / 4, the running
-    cell's share): a batch needs a common count, and the raw intersection of a random tube mask with
-    the running cell varies by sample. Positions visible to the encoder are left as the running cell
-    has them; the model only decodes hidden ones.
+    Starts from the running-cell mask (``mmmae.masking.running_cell_mask``, VideoMAEv2
+    dataset/masking_generator.py ``RunningCellMaskingGenerator``: ``int(4 * ratio)`` of each 2x2 cell
+    not decoded) and then moves as few positions as needed, at random, so every sample leaves exactly
+    ``N = round(M * kept share)`` hidden tokens to reconstruct (M hidden tokens, kept share =
+    1 - int(4 * ratio) / 4): a batch needs a common count. That N is the reference's mean loss count,
+    and at its recipe it is the reference's exact count with nothing moved: with a tube mask (the same
+    hidden set on every slice) and the 2-of-4 cell, slices t and t+2 decode complementary halves, so over
+    T = 8 slices the decoded hidden tokens are 4 * 176 = 704 = 1408 / 2 in every sample (16x224, 0.9,
+    decoder ratio 0.5). Positions visible to the encoder are left as the running cell has them; the
+    model only decodes hidden ones.
     """
     b, n = mask.shape
     m = check_mask(mask, n)
@@ -172,8 +178,11 @@ class VideoMAE(EncoderModel):
 
     Decoder masking (VideoMAEv2, Wang et al. 2023, sec. 3.2): the decoder runs on the visible tokens
     plus mask tokens at the hidden positions the decoder mask keeps, and the loss counts exactly those
-    hidden positions. (The reference code also puts mask tokens, and a loss, on kept positions that the
-    encoder saw; we reconstruct hidden tokens only.)
+    hidden positions, as the reference's does (OpenGVLab/VideoMAEv2 engine_for_pretraining.py:
+    ``cal_loss_mask = bool_masked_pos[~decode_masked_pos]``). Difference: the reference also puts mask
+    tokens, with no loss, on the running cell's positions that the encoder saw (models/modeling_pretrain.py
+    ``pos_emd_mask = expand_pos_embed[~decode_mask]``), so its decoder reads those positions twice; we
+    decode hidden positions only.
     """
 
     def __init__(self, cfg: VideoMAECfg) -> None:
@@ -249,7 +258,8 @@ def _videomae_mask_fn(cfg: VideoMAECfg) -> MaskFn:
     grid = _grid3(cfg)
 
     def make(batch_size: int, generator: torch.Generator | None, modality: str = "video") -> dict[str, torch.Tensor]:
-        mask = tube_mask(batch_size, grid, cfg.mask_ratio, generator=generator)
+        # VideoMAE / VideoMAEv2 TubeMaskingGenerator: int(ratio * h*w) hidden per slice (1408 at 16x224, 0.9).
+        mask = tube_mask(batch_size, grid, cfg.mask_ratio, count_rule=num_masked_floor, generator=generator)
         out = {"mask": mask}
         if cfg.decoder_mask_ratio > 0:
             out["decode_mask"] = decoder_keep_mask(mask, grid, cfg.decoder_mask_ratio, generator=generator)
@@ -296,7 +306,9 @@ class OmniMAECfg(EncoderCfg):
     decoder_num_heads: int = 16
     image_mask_ratio: float = 0.75
     video_mask_ratio: float = 0.9
-    norm_pix_loss: bool = True  # per tubelet and channel, after unnormalising (omnivision MAELoss)
+    # Per tubelet and channel, after unnormalising, dividing by (var + 1e-6) ** 0.5 (omnivision
+    # losses/mae_loss.py MAELoss with norm_pix_per_channel, omnimae_vitbase_ssv2_in1k.yaml).
+    norm_pix_loss: bool = True
 
 
 class OmniMAE(EncoderModel):
@@ -349,7 +361,7 @@ class OmniMAE(EncoderModel):
         b, num = tokens.shape[:2]
         mask = batch.get("mask")
         if mask is None:
-            mask = random_mask(b, num, self.mask_ratio(modality)).to(x.device)
+            mask = random_mask(b, num, self.mask_ratio(modality), count_rule=num_masked_floor).to(x.device)
         check_mask(mask, num)
         idx = mask_to_indices(mask)
         latent = enc.forward_tokens(tokens, pos=pos, ids_keep=idx.ids_keep)
@@ -361,7 +373,8 @@ class OmniMAE(EncoderModel):
             full = torch.cat([mask, mask.new_ones(b, enc.num_patches - num)], dim=1)
             ids_decode = torch.arange(num, device=x.device).expand(b, -1)
             pred = self.decoder(latent, mask_to_indices(full).ids_restore, ids_decode=ids_decode)
-        target = video_pixel_target(clip, self.cfg.patch_size, self.cfg.tubelet_size, self.cfg.norm_pix_loss)
+        target = video_pixel_target(clip, self.cfg.patch_size, self.cfg.tubelet_size, self.cfg.norm_pix_loss,
+                                    eps_inside_sqrt=True)
         loss = masked_mse(pred, target, mask)
         return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask}
 
@@ -374,9 +387,13 @@ def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
     t, h, w = _grid3(cfg)
 
     def make(batch_size: int, generator: torch.Generator | None, modality: str = "video") -> dict[str, torch.Tensor]:
+        # omnivision mask_image_modeling.py RandMasking (images: TubeMasking over one slice): int(ratio * L)
+        # hidden, e.g. 1411 of 1568 at 0.9 and 147 of 196 at 0.75.
         if modality == "image":
-            return {"mask": random_mask(batch_size, h * w, cfg.image_mask_ratio, generator=generator)}
-        return {"mask": random_mask(batch_size, t * h * w, cfg.video_mask_ratio, generator=generator)}
+            return {"mask": random_mask(batch_size, h * w, cfg.image_mask_ratio, count_rule=num_masked_floor,
+                                        generator=generator)}
+        return {"mask": random_mask(batch_size, t * h * w, cfg.video_mask_ratio, count_rule=num_masked_floor,
+                                    generator=generator)}
     return make
 
 
@@ -402,11 +419,14 @@ class _FrameTarget(nn.Module):
     tubelet: (B, C, T, H, W) -> (B, T/pt*h*w, pt*P), each tubelet's frames in time order, so a static
     clip's target is the image's target repeated pt times."""
 
-    def __init__(self, target: str, patch_size: int, in_chans: int, norm_pix: bool) -> None:
+    def __init__(self, target: str, patch_size: int, in_chans: int, norm_pix: bool,
+                 hog_variant: str = "maskfeat") -> None:
         super().__init__()
         _check_target(target)
+        if hog_variant not in HOG_VARIANTS:
+            raise ValueError(f"BEVT hog_variant must be one of {HOG_VARIANTS}, got {hog_variant!r}")
         self.patch_size, self.norm_pix = patch_size, norm_pix
-        self.hog = HOGTarget(patch_size) if target == "hog" else None
+        self.hog = HOGTarget(patch_size, variant=hog_variant) if target == "hog" else None
         self.dim = self.hog.out_dim(in_chans) if self.hog is not None else patch_size**2 * in_chans
 
     def forward(self, x: torch.Tensor, tubelet_size: int = 0) -> torch.Tensor:
@@ -421,14 +441,23 @@ class _FrameTarget(nn.Module):
 class BEVTSpatialCfg(EncoderCfg):
     """BEVT stage 1 (Wang et al. 2022): BEiT-style masked image modelling with mask tokens inside the
     encoder and a linear head. BEVT predicts DALL-E tokens; we predict pixels or HOG (``target``).
-    Block-wise masking of 50% (BEVT's 98 of 196 patches) with SimMIM's fixed blocks. No [cls] and
-    VideoMAE's 1-D table, so the weights inflate into ``bevt`` with identical image positions."""
+    Masking is BEiT's block-wise generator aiming at ``int(mask_ratio * L)`` tokens, as BEVT's image
+    pipeline (xyzforever/BEVT configs/recognition/swin/swin_base_patch244_window877_bevt_in1k_k400.py
+    ``Masked2DPositionGenerate``: 98 of 196, min_num_patches=16, aspect 0.3..1/0.3); the hidden count
+    varies by sample (mean ~97.5). ``mask_type="block"`` takes SimMIM's fixed ``mask_patch_size`` blocks
+    with an exact count instead. No [cls] and VideoMAE's 1-D table, so the weights inflate into ``bevt``
+    with identical image positions."""
 
     pos_embed: str = "sincos_1d"
     cls_token: bool = False
-    mask_ratio: float = 0.5
-    mask_patch_size: int = 32  # pixels
+    mask_ratio: float = 0.5  # BEiT's target num_masking_patches = int(ratio * L): 98 of 196
+    mask_type: str = "beit"  # "beit" (BEVT's) or "block" (SimMIM's fixed blocks)
+    mask_patch_size: int = 32  # pixels, mask_type=block only
+    min_num_patches: int = 16  # BEiT block area lower bound (BEVT's config; BEiT's class default is 4)
+    max_num_patches: int = 0  # BEiT block area cap; 0 = BEiT's None (the target count)
+    min_aspect: float = 0.3  # BEiT block aspect ratio in [min_aspect, 1 / min_aspect]
     target: str = "pixel"
+    hog_variant: str = "maskfeat"  # with target=hog: "maskfeat" (SlowFast) or "mmpretrain"
     norm_pix_loss: bool = True
 
 
@@ -440,12 +469,12 @@ class BEVTSpatial(EncoderModel):
         super().__init__()
         if cfg.num_frames:
             raise ValueError("bevt_spatial is the image stage: num_frames must be 0 (the video stage is 'bevt')")
-        if cfg.mask_patch_size % cfg.patch_size:
-            raise ValueError(f"mask_patch_size {cfg.mask_patch_size} must be a multiple of patch_size {cfg.patch_size}")
+        _bevt_spatial_mask_fn(cfg)  # checks the masking fields
         self.cfg = cfg
         self.encoder = build_vision_encoder(cfg, mask_token=True)
         self.grid_size = self.encoder.grid_size
-        self.frame_target = _FrameTarget(cfg.target, cfg.patch_size, cfg.in_chans, cfg.norm_pix_loss)
+        self.frame_target = _FrameTarget(cfg.target, cfg.patch_size, cfg.in_chans, cfg.norm_pix_loss,
+                                         cfg.hog_variant)
         self.head = nn.Linear(cfg.embed_dim, self.frame_target.dim)
 
     def init_weights(self) -> None:
@@ -458,7 +487,7 @@ class BEVTSpatial(EncoderModel):
         mask = batch.get("mask")
         if mask is None:
             mask = _bevt_spatial_mask_fn(self.cfg)(imgs.shape[0], None)["mask"].to(imgs.device)
-        check_mask(mask, self.encoder.num_patches)
+        check_mask(mask, self.encoder.num_patches, equal_counts=False)  # BEiT's counts vary by sample
         z = self.encoder.forward_features(imgs, mask=mask)[:, self.encoder.num_prefix_tokens:]
         pred = self.head(z)
         loss = masked_mse(pred, self.frame_target(imgs), mask)
@@ -470,9 +499,36 @@ def _block_grid(cfg: EncoderCfg, mask_patch_size: int) -> tuple[tuple[int, int],
     return (g, g), mask_patch_size // cfg.patch_size
 
 
-def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+# (batch_size, generator) -> (B, L) bool mask.
+MaskMaker = Callable[[int, torch.Generator | None], torch.Tensor]
+
+
+def _bevt_frame_masker(cfg: BEVTSpatialCfg | BEVTCfg, key: str, mask_type: str, mask_ratio: float) -> MaskMaker:
+    """(batch_size, generator) -> (B, h*w) bool image-grid masks: BEiT's block-wise generator with BEVT's
+    settings (``beit``), or SimMIM's fixed blocks (``block``). Checks the fields (``key`` names the
+    type's config key) once, up front."""
     grid, s = _block_grid(cfg, cfg.mask_patch_size)
-    return lambda b, g, modality="image": {"mask": block_mask(b, grid, cfg.mask_ratio, mask_patch_size=s, generator=g)}
+    _check_choice(key, mask_type, ("beit", "block"))
+    if mask_type == "block":
+        if cfg.mask_patch_size % cfg.patch_size:
+            raise ValueError(f"mask_patch_size {cfg.mask_patch_size} must be a multiple of patch_size {cfg.patch_size}")
+        block_mask(0, grid, mask_ratio, mask_patch_size=s)  # reject bad settings now, not at the first batch
+        return lambda b, g: block_mask(b, grid, mask_ratio, mask_patch_size=s, generator=g)
+    target = num_masked_floor(grid[0] * grid[1], mask_ratio)  # BEVT: 98 = int(0.5 * 196)
+    beit = {"min_num_patches": cfg.min_num_patches, "max_num_patches": cfg.max_num_patches or None,
+            "min_aspect": cfg.min_aspect}
+    beit_block_mask(0, grid, target, **beit)  # reject bad settings now, not at the first batch
+    return lambda b, g: beit_block_mask(b, grid, target, generator=g, **beit)
+
+
+def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
+    make = _bevt_frame_masker(cfg, "mask_type", cfg.mask_type, cfg.mask_ratio)
+    return lambda b, g, modality="image": {"mask": make(b, g)}
 
 
 # BEVT's block masks are in 16-px patches (BEiT): ViT-H takes 16-px patches here.
@@ -484,18 +540,34 @@ def _build_bevt_spatial(cfg: BEVTSpatialCfg) -> BEVTSpatial:
 
 @dataclass
 class BEVTCfg(EncoderCfg):
-    """BEVT stage 2: the stage-1 encoder inflated to tubelets, trained on both streams every step.
-    Image stream: block-wise masking; video stream: tube masking; both with mask tokens inside the
-    encoder. BEVT's reference uses 50% for both (98 of 196) and loss weights 1.0 / 1.0."""
+    """BEVT stage 2: the stage-1 encoder inflated to tubelets, trained on both streams every step, with
+    mask tokens inside the encoder and loss weights 1.0 / 1.0.
+
+    Masks as BEVT's pipelines (xyzforever/BEVT swin_base_patch244_window877_bevt_in1k_k400.py,
+    mmaction/datasets/pipelines/mask_generator.py). Image stream (``Masked2DPositionGenerate``): BEiT's
+    block-wise mask aiming at 98 of 196 tokens. Video stream (``MaskedPositionGenerate``): one such
+    98-token BEiT mask over a random cyclic run of 4..8 of the 8 time slices (``masked_tube_range``
+    (0.5, 1.0) of clip_len 16 / temporal_scale 2), so about 37% of the video tokens are hidden, not 50%.
+    Named options: ``image_mask_type="block"`` (SimMIM's fixed blocks, exact count) and
+    ``video_mask_type="tube"`` (a random ``video_mask_ratio`` tube over every slice, VideoMAE-style)."""
 
     num_frames: int = 16
     tubelet_size: int = 2
     pos_embed: str = "sincos_1d"
     cls_token: bool = False
-    image_mask_ratio: float = 0.5
-    mask_patch_size: int = 32  # pixels, image stream blocks
+    image_mask_ratio: float = 0.5  # BEiT's target int(ratio * h*w): 98 of 196
+    image_mask_type: str = "beit"  # "beit" (BEVT's) or "block" (SimMIM's fixed blocks)
+    mask_patch_size: int = 32  # pixels, image_mask_type=block only
+    # video_mask_type="bevt": the per-slice BEiT target share (98 of 196); "tube": the tube's ratio.
     video_mask_ratio: float = 0.5
+    video_mask_type: str = "bevt"  # "bevt" (BEiT mask over a cyclic run of slices) or "tube"
+    tube_min_share: float = 0.5  # BEVT masked_tube_range: run length from int(min * T) ...
+    tube_max_share: float = 1.0  # ... to int(max * T) time slices
+    min_num_patches: int = 16  # BEiT block area lower bound (BEVT's config; BEiT's class default is 4)
+    max_num_patches: int = 0  # BEiT block area cap; 0 = BEiT's None (the target count)
+    min_aspect: float = 0.3  # BEiT block aspect ratio in [min_aspect, 1 / min_aspect]
     target: str = "pixel"
+    hog_variant: str = "maskfeat"  # with target=hog: "maskfeat" (SlowFast) or "mmpretrain"
     norm_pix_loss: bool = True
     image_loss_weight: float = 1.0
     video_loss_weight: float = 1.0
@@ -504,8 +576,9 @@ class BEVTCfg(EncoderCfg):
 class BEVT(EncoderModel):
     """BEVT-style joint image + video masked modelling on one encoder.
 
-    ``forward(batch)``: ``batch["video"]`` (B, 3, T, H, W) with ``batch["mask"]`` (B, L) tube mask and/or
-    ``batch["image"]`` (B', 3, H, W) with ``batch["image_mask"]`` (B', h*w) block mask; BEVT runs both
+    ``forward(batch)``: ``batch["video"]`` (B, 3, T, H, W) with ``batch["mask"]`` (B, L) video mask and/or
+    ``batch["image"]`` (B', 3, H, W) with ``batch["image_mask"]`` (B', h*w) block mask (hidden counts may
+    differ between samples: mask tokens replace hidden tokens in place); BEVT runs both
     every iteration. Images go through the video tokenizer as static one-tubelet clips and take the
     t=0 rows of the position table. Returns ``loss`` (weighted sum), ``video_loss`` / ``image_loss``,
     ``pred`` / ``mask`` (video) and ``image_pred`` / ``image_mask``.
@@ -519,13 +592,13 @@ class BEVT(EncoderModel):
         super().__init__()
         if cfg.num_frames <= 0:
             raise ValueError(f"bevt needs num_frames > 0, got {cfg.num_frames}")
-        if cfg.mask_patch_size % cfg.patch_size:
-            raise ValueError(f"mask_patch_size {cfg.mask_patch_size} must be a multiple of patch_size {cfg.patch_size}")
+        _bevt_mask_fn(cfg)  # checks the masking fields
         self.cfg = cfg
         self.encoder = build_vision_encoder(cfg, mask_token=True)
         self.grid_size = self.encoder.grid_size
         self.num_image_tokens = self.grid_size[1] * self.grid_size[2]
-        self.frame_target = _FrameTarget(cfg.target, cfg.patch_size, cfg.in_chans, cfg.norm_pix_loss)
+        self.frame_target = _FrameTarget(cfg.target, cfg.patch_size, cfg.in_chans, cfg.norm_pix_loss,
+                                         cfg.hog_variant)
         self.image_head = nn.Linear(cfg.embed_dim, self.frame_target.dim)
         self.video_head = nn.Linear(cfg.embed_dim, cfg.tubelet_size * self.frame_target.dim)
 
@@ -543,14 +616,14 @@ class BEVT(EncoderModel):
                 "image": torch.randn(batch_size, self.cfg.in_chans, s, s, generator=g)}
 
     def forward_video(self, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_mask(mask, self.encoder.num_patches)
+        check_mask(mask, self.encoder.num_patches, equal_counts=False)
         z = self.encoder.forward_features(video, mask=mask)[:, self.encoder.num_prefix_tokens:]
         pred = self.video_head(z)
         return pred, masked_mse(pred, self.frame_target(video, self.cfg.tubelet_size), mask)
 
     def forward_image(self, imgs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = image_as_tubelet_tokens(self.encoder, imgs)
-        check_mask(mask, self.num_image_tokens)
+        check_mask(mask, self.num_image_tokens, equal_counts=False)
         pos = self.encoder.pos_embed[:, : self.num_image_tokens]
         z = self.encoder.forward_tokens(tokens, pos=pos, mask=mask)[:, self.encoder.num_prefix_tokens:]
         pred = self.image_head(z)
@@ -573,7 +646,7 @@ class BEVT(EncoderModel):
             imgs = batch["image"]
             imask = batch.get("image_mask")
             if imask is None:
-                imask = _bevt_image_mask(self.cfg, imgs.shape[0], None).to(imgs.device)
+                imask = _bevt_mask_fn(self.cfg)(imgs.shape[0], None)["image_mask"].to(imgs.device)
             ipred, iloss = self.forward_image(imgs, imask)
             weighted = self.cfg.image_loss_weight * iloss
             loss = weighted if loss is None else loss + weighted
@@ -609,18 +682,26 @@ class BEVT(EncoderModel):
         return missing, unexpected + list(result.unexpected_keys)
 
 
-def _bevt_image_mask(cfg: BEVTCfg, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-    grid, s = _block_grid(cfg, cfg.mask_patch_size)
-    return block_mask(batch_size, grid, cfg.image_mask_ratio, mask_patch_size=s, generator=generator)
+def _bevt_video_masker(cfg: BEVTCfg) -> MaskMaker:
+    """(batch_size, generator) -> (B, T*h*w) bool video masks (``BEVTCfg.video_mask_type``)."""
+    grid = _grid3(cfg)
+    _check_choice("video_mask_type", cfg.video_mask_type, ("bevt", "tube"))
+    if cfg.video_mask_type == "tube":
+        num_masked_floor(grid[1] * grid[2], cfg.video_mask_ratio)  # checks the ratio
+        return lambda b, g: tube_mask(b, grid, cfg.video_mask_ratio, count_rule=num_masked_floor, generator=g)
+    frames = _bevt_frame_masker(cfg, "video_mask_type", "beit", cfg.video_mask_ratio)
+    tube_range = (cfg.tube_min_share, cfg.tube_max_share)
+    cyclic_tube_mask(torch.zeros(0, grid[1] * grid[2], dtype=torch.bool), grid[0], tube_range)  # checks the range
+    return lambda b, g: cyclic_tube_mask(frames(b, g), grid[0], tube_range, generator=g)
 
 
 def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
-    grid = _grid3(cfg)
+    video = _bevt_video_masker(cfg)
+    image = _bevt_frame_masker(cfg, "image_mask_type", cfg.image_mask_type, cfg.image_mask_ratio)
 
     def make(batch_size: int, generator: torch.Generator | None, modality: str = "video") -> dict[str, torch.Tensor]:
         # A joint batch holds one image per video view, so both masks have the batch's size.
-        return {"mask": tube_mask(batch_size, grid, cfg.video_mask_ratio, generator=generator),
-                "image_mask": _bevt_image_mask(cfg, batch_size, generator)}
+        return {"mask": video(batch_size, generator), "image_mask": image(batch_size, generator)}
     return make
 
 
