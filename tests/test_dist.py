@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,3 +30,58 @@ def test_counters_with_different_keys_sum_over_ranks(tmp_path: Path) -> None:
     mp.spawn(_counts_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert torch.load(tmp_path / f"rank{rank}.pt") == {"skipped_images": 4, "skipped_videos": 2}
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch environments
+
+import pytest  # noqa: E402
+
+from mmmae.engine.dist import LaunchError, ensure_rendezvous_env, expand_hostlist, slurm_rendezvous  # noqa: E402
+
+
+@pytest.mark.parametrize("text,hosts", [
+    ("node01", ["node01"]),
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("a[8-11]", ["a8", "a9", "a10", "a11"]),
+    ("rack[1-2]-n[09-10]", ["rack1-n09", "rack1-n10", "rack2-n09", "rack2-n10"]),
+    ("x-[001-002]-ib,y", ["x-001-ib", "x-002-ib", "y"]),
+])
+def test_slurm_host_lists_expand_in_order(text: str, hosts: list[str]) -> None:
+    assert expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["gpu[01-03", "gpu01]", "gpu[a-b]", "gpu[5-3]"])
+def test_bad_host_lists_are_named(text: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(repr(text))):
+        expand_hostlist(text)
+
+
+def test_slurm_variables_become_the_rendezvous() -> None:
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NNODES": "2",
+           "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "123456"}
+    got = slurm_rendezvous(env)
+    assert got == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                   "MASTER_ADDR": "gpu12", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert slurm_rendezvous({**env, "MASTER_PORT": "29400"})["MASTER_PORT"] == "29400"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK=2 is outside WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "MASTER_ADDR not set"),
+    ({"RANK": "0"}, "RANK=0 is set but WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "must be integers"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1"},
+     "SLURM_JOB_ID"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+      "MASTER_PORT": "1"}, "LOCAL_RANK=3 is outside LOCAL_WORLD_SIZE=2"),
+])
+def test_bad_launches_are_named_before_any_work(env: dict[str, str], message: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(message)):
+        ensure_rendezvous_env(dict(env))
+
+
+def test_plain_python_describes_one_process() -> None:
+    env: dict[str, str] = {}
+    ensure_rendezvous_env(env)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0" and env["MASTER_PORT"]

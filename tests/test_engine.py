@@ -43,6 +43,68 @@ def _check_run_dir(run: Path, steps: int) -> None:
     assert all(v.dtype == torch.float32 for v in state.values())
 
 
+def _srun_tasks(run: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two tasks as ``srun`` starts them: SLURM variables only, a compressed node list naming two
+    "nodes" on this machine, the rendezvous port derived from the job id."""
+    from conftest import _free_port
+    from mmmae.engine.dist import SLURM_PORT_BASE
+
+    port = _free_port()
+    while port < SLURM_PORT_BASE:
+        port = _free_port()
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_LOCALID": "0",
+             "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": str(port - SLURM_PORT_BASE)}
+    args = [sys.executable, str(ROOT / "tools" / "train.py"), *TINY, f"output_dir={run}",
+            "ds.zero_optimization.stage=1", *extra]
+    return [subprocess.Popen(args, cwd=ROOT, env=cpu_env(**slurm, SLURM_PROCID=str(r)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> tuple[list[int], str]:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], outs[0][-3000:] + outs[1][-3000:]
+
+
+@pytest.mark.slow
+def test_srun_style_launch_two_tasks(tmp_path: Path, fashion_mnist: Path) -> None:
+    run = tmp_path / "slurm"
+    codes, log = _finish(_srun_tasks(run, "train.max_steps=6", "train.log_every=3", "train.ckpt_every=6"))
+    assert codes == [0, 0], log
+    assert _metrics(run)[-1]["step"] == 6
+    # One group of two ranks: ZeRO-1 wrote one optimizer partition per rank.
+    assert len(list((run / "checkpoints" / "step_00000006").glob("*optim_states.pt"))) == 2
+    assert (run / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path: Path, fashion_mnist: Path) -> None:
+    """SIGUSR1 (SLURM's --signal=USR1@120) to both tasks of a running job: they finish the step,
+    checkpoint it, exit with the requeue code; resume=auto then completes the schedule."""
+    from mmmae.engine.trainer import PREEMPTED_EXIT_CODE
+
+    run = tmp_path / "preempted"
+    procs = _srun_tasks(run, "train.max_steps=400", "train.log_every=1", "train.ckpt_every=1000", "resume=auto")
+    deadline = time.time() + 180
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 3:
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    codes, log = _finish(procs)
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, log
+    from mmmae.engine.checkpoint import complete_checkpoints
+    ckpts = complete_checkpoints(run)
+    assert len(ckpts) == 1, ckpts
+    stopped = int(ckpts[0].name.split("_")[1])
+    assert 3 <= stopped < 400 and _metrics(run)[-1]["step"] == stopped
+    codes, log = _finish(_srun_tasks(run, f"train.max_steps={stopped + 3}", "train.log_every=1",
+                                     "train.ckpt_every=1000", "resume=auto"))
+    assert codes == [0, 0], log
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps[-4:] == [stopped, stopped + 1, stopped + 2, stopped + 3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, accum, precision", [(2, 1, "bf16_weights"), (3, 2, "bf16")])
 def test_deepspeed_two_processes(tmp_path: Path, stage: int, accum: int, precision: str, fashion_mnist: Path) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -190,8 +193,50 @@ def apply_mixup(mixup: Any, batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, key: flat.view_as(x), "label": target}
 
 
+# Exit status of a run that stopped on SIGTERM / SIGUSR1 after checkpointing (EX_TEMPFAIL):
+# tools/slurm/train.sbatch requeues the job on it, and resume=auto continues.
+PREEMPTED_EXIT_CODE = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM / SIGUSR1); ``checkpoint`` holds its state at ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+@contextmanager
+def preemption_signals() -> Iterator[dict[str, int]]:
+    """While training, SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption, e.g.
+    ``--signal=USR1@120``) only raise a flag; the loop finishes its step, checkpoints and stops.
+    The previous handlers come back afterwards."""
+    flag = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in PREEMPT_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run training as configured; returns a summary (final step, last metrics, output paths)."""
+    """Run training as configured; returns a summary (final step, last metrics, output paths).
+
+    Raises :class:`Preempted` after checkpointing when SIGTERM or SIGUSR1 arrives."""
+    with preemption_signals() as flag:
+        return _train(cfg, flag)
+
+
+def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     import deepspeed
 
     device = D.init_distributed()
@@ -287,6 +332,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last_out: dict[str, Any] | None = None
     last_record: dict[str, Any] = {}
     last_ckpt: Path | None = None
+    saved_at = -1  # the step of the last checkpoint this invocation wrote
     grad_norm = float("nan")
 
     def set_lr(s: int) -> float:
@@ -374,7 +420,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if cfg.train.vis_every and step % cfg.train.vis_every == 0 and D.is_main():
                 _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
             if step % cfg.train.ckpt_every == 0 and step < end_step:
-                last_ckpt = checkpoint_now()
+                last_ckpt, saved_at = checkpoint_now(), step
+            # Every rank stops at the same step if any of them was signalled.
+            signum = int(D.all_reduce_max(float(stop_flag["signum"])))
+            if signum and step < end_step:
+                if saved_at != step:
+                    last_ckpt, saved_at = checkpoint_now(), step
+                metrics.close()
+                if bar is not None:
+                    bar.close()
+                if D.is_main():
+                    log.warning("%s received: checkpointed step %d to %s; resume=auto continues",
+                                signal.Signals(signum).name, step, last_ckpt)
+                raise Preempted(step, last_ckpt, signum)
             if step >= end_step:
                 break
         else:
@@ -385,8 +443,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if bar is not None:
         bar.close()
-    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
-        last_ckpt = checkpoint_now()
+    if last_ckpt is None or saved_at != step:
+        last_ckpt, saved_at = checkpoint_now(), step
     if D.is_main() and last_batch is not None:
         _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
     state = consolidated_state_dict(engine, last_ckpt)
