@@ -97,7 +97,8 @@ class MaskedEncoder(nn.Module):
             if self.mask_token is None:
                 raise ValueError("this encoder was built without a mask token (mask_token=False); "
                                  "pass ids_keep to drop hidden tokens instead")
-            check_mask(mask, n)
+            # Replaced in place, so per-sample hidden counts may differ (BEiT's block-wise masks, BEVT).
+            check_mask(mask, n, equal_counts=False)
             # torch.where, not a blend: whatever the hidden tokens hold (even NaN) must not leak through.
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         if pos is not None:

@@ -7,8 +7,9 @@ from typing import Callable
 import pytest
 import torch
 
-from mmmae.masking import (block_mask, check_mask, gather_tokens, mask_from_noise, mask_to_indices, num_masked,
-                           random_mask, restore_tokens, running_cell_mask, tube_mask)
+from mmmae.masking import (beit_block_mask, block_mask, check_mask, cyclic_tube_mask, gather_tokens, mask_from_noise,
+                           mask_to_indices, num_masked, num_masked_floor, random_mask, restore_tokens,
+                           running_cell_mask, tube_mask)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -32,10 +33,37 @@ def test_random_mask_exact_count(length: int, ratio: float, hidden: int) -> None
     assert m.sum(dim=1).tolist() == [hidden] * 5
 
 
-def test_num_masked_rejects_bad_ratio() -> None:
+# (L, ratio, hidden): VideoMAE's TubeMaskingGenerator (per frame) and OmniMAE's RandMasking hide int(ratio * L).
+FLOOR_CASES = [(196, 0.9, 176), (1568, 0.9, 1411), (196, 0.75, 147), (196, 0.95, 186), (1568, 0.95, 1489),
+               (16, 0.9, 14), (10, 0.0, 0), (7, 0.25, 1)]
+
+
+@pytest.mark.parametrize("length, ratio, hidden", FLOOR_CASES)
+def test_floor_count_rule(length: int, ratio: float, hidden: int) -> None:
+    assert num_masked_floor(length, ratio) == hidden
+    m = random_mask(3, length, ratio, count_rule=num_masked_floor, generator=_gen(0))
+    assert m.sum(dim=1).tolist() == [hidden] * 3
+
+
+@pytest.mark.parametrize("rule", [num_masked, num_masked_floor])
+def test_count_rules_reject_bad_ratio(rule: Callable[[int, float], int]) -> None:
     for r in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match="mask_ratio"):
-            num_masked(16, r)
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            rule(16, r)
+    with pytest.raises(ValueError, match="num_tokens"):
+        rule(0, 0.5)
+
+
+def test_a_ratio_that_leaves_no_visible_token_is_an_error() -> None:
+    # MAE's rule keeps int(4 * (1 - 0.8)) = int(0.8) = 0 of 4 tokens, and int(1 * 0.5) = 0 of 1.
+    with pytest.raises(ValueError, match="0.8 hides all 4 tokens"):
+        num_masked(4, 0.8)
+    with pytest.raises(ValueError, match="0.8 hides all 4 tokens"):
+        random_mask(2, 4, 0.8)
+    with pytest.raises(ValueError, match="hides all 1 tokens"):
+        tube_mask(2, (2, 1, 1), 0.5, count_rule=num_masked)
+    # The floor rule hides int(ratio * L) < L for every ratio < 1, so it always leaves a token visible.
+    assert num_masked_floor(4, 0.8) == 3 and num_masked_floor(1, 0.5) == 0
 
 
 # (grid, s, ratio, hidden blocks): SimMIM hides ceil(blocks * ratio) whole s x s blocks.
@@ -61,14 +89,24 @@ def test_block_mask_rejects_indivisible_grid() -> None:
         block_mask(1, (5, 4), 0.5, mask_patch_size=2)
 
 
-@pytest.mark.parametrize("grid, ratio", [((8, 4, 4), 0.9), ((2, 14, 14), 0.75), ((3, 2, 6), 0.5)])
-def test_tube_mask_constant_over_time(grid: tuple[int, int, int], ratio: float) -> None:
+# (grid, ratio, hidden per slice): VideoMAE's TubeMaskingGenerator hides int(ratio * H*W) per slice.
+TUBE_CASES = [((8, 4, 4), 0.9, 14), ((2, 14, 14), 0.75, 147), ((3, 2, 6), 0.5, 6), ((8, 14, 14), 0.9, 176)]
+
+
+@pytest.mark.parametrize("grid, ratio, per_slice", TUBE_CASES)
+def test_tube_mask_constant_over_time(grid: tuple[int, int, int], ratio: float, per_slice: int) -> None:
     gt, gh, gw = grid
     m = tube_mask(3, grid, ratio, generator=_gen(2))
     assert m.shape == (3, gt * gh * gw)
     per_frame = m.view(3, gt, gh * gw)
     assert torch.equal(per_frame, per_frame[:, :1].expand_as(per_frame))
-    assert m.sum(dim=1).tolist() == [gt * num_masked(gh * gw, ratio)] * 3
+    assert m.sum(dim=1).tolist() == [gt * per_slice] * 3
+
+
+def test_tube_mask_takes_a_count_rule() -> None:
+    # 8x14x14 at 0.9: VideoMAE's rule hides 176 per slice (1408), MAE's rule would hide 177 (1416).
+    assert tube_mask(2, (8, 14, 14), 0.9, generator=_gen(2)).sum(1).tolist() == [1408, 1408]
+    assert tube_mask(2, (8, 14, 14), 0.9, count_rule=num_masked, generator=_gen(2)).sum(1).tolist() == [1416, 1416]
 
 
 @pytest.mark.parametrize("ratio, per_cell", [(0.5, 2), (0.25, 1), (0.75, 3), (0.6, 2), (0.7, 2)])
@@ -116,6 +154,16 @@ def test_same_seed_same_mask_different_seed_different(kind: str) -> None:
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     check_mask(a)  # every generator keeps a common hidden count
+
+
+def test_beit_and_cyclic_tube_masks_are_seeded() -> None:
+    def make(g: torch.Generator) -> torch.Tensor:
+        frames = beit_block_mask(8, (14, 14), 98, min_num_patches=16, generator=g)
+        return cyclic_tube_mask(frames, 8, (0.5, 1.0), generator=g)
+
+    a, b, c = make(_gen(123)), make(_gen(123)), make(_gen(124))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    check_mask(a, 8 * 196, equal_counts=False)  # BEiT's counts vary by sample
 
 
 # ----------------------------------------------------------------------------------------------------
