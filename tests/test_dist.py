@@ -85,3 +85,31 @@ def test_plain_python_describes_one_process() -> None:
     env: dict[str, str] = {}
     ensure_rendezvous_env(env)
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0" and env["MASTER_PORT"]
+
+
+@pytest.mark.parametrize("task_code,script_code,requeued", [(75, 0, True), (0, 0, False), (3, 3, False)])
+def test_sbatch_template_requeues_on_the_preemption_code(tmp_path: Path, task_code: int, script_code: int,
+                                                         requeued: bool) -> None:
+    """tools/slurm/train.sbatch under stand-in srun / scontrol: exit 75 from the tasks requeues the
+    job and ends the script cleanly; any other code is passed on."""
+    import subprocess
+
+    from conftest import ROOT
+    from mmmae.engine.trainer import PREEMPTED_EXIT_CODE
+
+    assert PREEMPTED_EXIT_CODE == 75  # the code the template tests for
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/srun_args\nexit {task_code}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/requeue\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "4"}
+    res = subprocess.run(["bash", str(ROOT / "tools" / "slurm" / "train.sbatch"), "--config", "video_mae.yaml"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == script_code, res.stderr
+    args = (tmp_path / "srun_args").read_text()
+    assert "tools/train.py resume=auto --config video_mae.yaml" in args
+    assert (tmp_path / "requeue").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "requeue").read_text().split() == ["requeue", "42"]
