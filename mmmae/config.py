@@ -47,7 +47,10 @@ class DataCfg:
     num_frames: int = 16
     sampling_rate: int = 4
     num_samples: int = 1  # repeated sampling: views per decoded video
-    short_clip: str = "loop"  # clips shorter than the sampled span: loop or pad
+    short_clip: str = "loop"  # clips shorter than the sampled span: loop or pad (clip_rule fit only)
+    sampling: str = "auto"  # dense | segment (TSN-style) | auto: segment for an ssv2 classifier, else dense
+    clip_rule: str = "videomae"  # dense clip placement: videomae (the reference's) | fit (mmmae's earlier rule)
+    repeat_mode: str = "shared_window"  # num_samples views share frames (VideoMAE/v2) | independent (MAE-ST)
     num_clips: int = 5  # test views (temporal clips x spatial crops)
     num_crops: int = 3
     max_bad_fraction: float = 0.1

@@ -31,7 +31,7 @@ from mmmae.video.datasets import (
     read_ssv2_annotations,
 )
 from mmmae.video.decoding import VideoDecodeError, open_video
-from mmmae.video.sampling import clip_span, test_clip_indices, train_clip_indices
+from mmmae.video.sampling import clip_span, test_clip_indices, train_clip_indices, videomae_test_indices
 from mmmae.video.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -402,7 +402,7 @@ def test_clip_dataset_is_deterministic_and_repeats_samples() -> None:
     for s in first:
         assert s["video"].shape == (3, 4, 64, 64) and s["label"] == 6 and s["index"] == 0 and s["skipped"] == 0
     assert all(torch.equal(a["video"], b["video"]) for a, b in zip(first, ds[0]))
-    assert not torch.equal(first[0]["video"], first[1]["video"])  # independent repeats
+    assert not torch.equal(first[0]["video"], first[1]["video"])  # same frames, crops of their own
     ds.set_epoch(1)
     assert not torch.equal(first[0]["video"], ds[0][0]["video"])
     assert len({mix_seed(0, e, i) for e in range(3) for i in range(20_000)}) == 60_000
@@ -482,9 +482,9 @@ def test_test_dataset_views_and_unreadable_flag() -> None:
     good, bad = ds[0], ds[1]
     assert good["ok"] and good["video"].shape == (6, 3, 4, 64, 64) and good["label"] == 6
     assert not bad["ok"] and bad["video"] is None and "corrupted.mp4" in bad["path"] and bad["error"]
-    # View 1 is clip 0's centre crop: recompute it by hand.
-    clip0 = test_clip_indices(280, 4, 16, 2)[0]
-    frames = ShortSideResize(64)(open_video(v("arm_wrestling.mp4")).read(clip0))
+    # View 1 is clip 0's centre crop: recompute it by hand (VideoMAE's cv2 resize: no antialias).
+    clip0 = videomae_test_indices(280, 4, 16, 2)[0]
+    frames = ShortSideResize(64, antialias=False)(open_video(v("arm_wrestling.mp4")).read(clip0))
     centre = SpatialCrops(64, 1)(frames)[0]
     assert torch.allclose(good["video"][1], Normalize()(centre), atol=1e-5)
     batch = collate_test([good, bad])

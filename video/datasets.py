@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from mmmae.data.quality import ReadFailures
 
 from .decoding import VideoDecodeError, open_video
-from .sampling import SHORT_MODES, test_clip_indices, train_clip_indices
+from .sampling import SHORT_MODES, ClipSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, Normalize, ShortSideResize, SpatialCrops, crop_clip
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ __all__ = [
     "list_video_folder",
     "read_ssv2_annotations",
     "mix_seed",
+    "REPEAT_MODES",
     "VideoClipDataset",
     "VideoTestDataset",
     "collate_clips",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 Item = tuple[str, int]
+REPEAT_MODES = ("shared_window", "independent")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 _INT_RE = re.compile(r"[+-]?\d+")
@@ -254,8 +256,12 @@ class VideoClipDataset(Dataset):
     """Random training clips, ``num_samples`` of them from each decoded video.
 
     ``dataset[i]`` is a list of ``num_samples`` dicts ``{"video": float (3, T, H, W), "label",
-    "index": i, "skipped"}``: repeated sampling (MAE-ST, VideoMAE v2) decodes the video once and
-    draws each sample's temporal window and augmentation independently. Randomness comes from one
+    "index": i, "skipped"}``: repeated sampling decodes the video once for all its samples.
+    ``repeat_mode="shared_window"`` (VideoMAEv2 dataset/pretrain_datasets.py ``VideoMAE.__getitem__``
+    and VideoMAE's fine-tuning kinetics.py / ssv2.py ``num_sample``: one set of frame indices, the
+    transform run once per sample) gives every sample the same frames, differing only in their
+    spatial augmentation (and, in collate, their masks); ``"independent"`` (MAE-ST util/kinetics.py:
+    ``get_start_end_idx`` once per ``repeat_aug``) draws each sample's window too. Randomness comes from one
     ``torch.Generator`` seeded by ``(seed, epoch, i)``, so a sample does not depend on worker
     count, order or process. Call ``set_epoch`` every epoch (DataLoader workers see it when
     they are created per epoch, i.e. without ``persistent_workers``).
@@ -269,13 +275,16 @@ class VideoClipDataset(Dataset):
 
     Args:
         items: ``(path, label)`` pairs.
-        num_frames: frames per clip (T).
-        sampling_rate: stride between sampled frames.
+        num_frames: frames per clip (T); used when ``sampler`` is not given.
+        sampling_rate: stride between sampled frames; used when ``sampler`` is not given.
         transform: ``transform(clip, generator)`` on a uint8 (T, H, W, 3) clip, returning float
             (3, T, H, W); default: ImageNet normalisation only.
         backend: decoding backend, ``"decord"`` or ``"pyav"``.
         num_samples: clips per video per call.
-        short_clip: ``"loop"`` or ``"pad"`` for videos shorter than a clip.
+        short_clip: ``"loop"`` or ``"pad"`` for videos shorter than a clip (the ``fit`` rule only).
+        sampler: which frames make up a clip; default: VideoMAE's pretraining rule for
+            ``num_frames`` x ``sampling_rate``.
+        repeat_mode: ``"shared_window"`` or ``"independent"``.
         max_bad_fraction: tolerated share of unreadable reads.
         seed: base seed.
         min_attempts: reads before the share is judged.
@@ -297,6 +306,8 @@ class VideoClipDataset(Dataset):
         min_attempts: int = 20,
         max_retries: int = 50,
         num_threads: int = 1,
+        sampler: ClipSampler | None = None,
+        repeat_mode: str = "shared_window",
     ) -> None:
         if not items:
             raise ValueError("VideoClipDataset needs at least one item")
@@ -304,9 +315,13 @@ class VideoClipDataset(Dataset):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if short_clip not in SHORT_MODES:
             raise ValueError(f"short_clip={short_clip!r}; choose one of {SHORT_MODES}")
+        if repeat_mode not in REPEAT_MODES:
+            raise ValueError(f"repeat_mode={repeat_mode!r}; choose one of {REPEAT_MODES}")
         self.items = [(os.fspath(p), int(y)) for p, y in items]
-        self.num_frames = num_frames
-        self.sampling_rate = sampling_rate
+        self.sampler = sampler or ClipSampler(num_frames, sampling_rate, short=short_clip)
+        self.num_frames = self.sampler.num_frames
+        self.sampling_rate = self.sampler.sampling_rate
+        self.repeat_mode = repeat_mode
         self.transform: ClipTransform = transform if transform is not None else Normalize()
         self.backend = backend
         self.num_samples = num_samples
@@ -365,10 +380,9 @@ class VideoClipDataset(Dataset):
         """Decode the union of all samples' frames once, then cut and augment each sample."""
         with open_video(path, self.backend, num_threads=self.num_threads) as reader:
             n = reader.num_frames
-            clips = [
-                train_clip_indices(n, self.num_frames, self.sampling_rate, generator, self.short_clip)
-                for _ in range(self.num_samples)
-            ]
+            draws = 1 if self.repeat_mode == "shared_window" else self.num_samples
+            clips = [self.sampler.train(n, generator) for _ in range(draws)]
+            clips = clips * (self.num_samples // draws)
             union = sorted({i for clip in clips for i in clip})
             frames = reader.read(union)  # (U, H, W, 3) uint8
         where = {f: k for k, f in enumerate(union)}
@@ -388,13 +402,17 @@ class VideoClipDataset(Dataset):
 
 
 class VideoTestDataset(Dataset):
-    """Multi-view evaluation: ``num_clips`` evenly spaced clips x ``num_crops`` spatial crops.
+    """Multi-view evaluation: ``num_clips`` temporal clips x ``num_crops`` spatial crops.
 
     ``dataset[i]`` is ``{"video": float (V, 3, T, S, S) or None, "label", "index": i, "path",
     "ok", "error"}`` with ``V = num_clips * num_crops`` ordered clip-major (view ``c * num_crops
     + s`` is clip c, crop s), frames short-side resized to ``short_side`` (default the crop size
     S) and normalised. An unreadable video gives ``ok=False``, ``video=None`` and the reason in
     ``error`` instead of raising, so an evaluator can count and list what it could not score.
+
+    The clips come from ``sampler.test`` (default: VideoMAE's dense test clips, kinetics.py
+    ``VideoClsDataset`` mode ``test``; segment sampling for SSv2, ssv2.py). The resize is bilinear
+    without antialiasing (``antialias=False``), as VideoMAE's ``cv2.resize(INTER_LINEAR)``.
     """
 
     def __init__(
@@ -411,6 +429,8 @@ class VideoTestDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         num_threads: int = 1,
+        sampler: ClipSampler | None = None,
+        antialias: bool = False,
     ) -> None:
         short_side = crop_size if short_side is None else short_side
         if short_side < crop_size:
@@ -420,15 +440,16 @@ class VideoTestDataset(Dataset):
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         self.items = [(os.fspath(p), int(y)) for p, y in items]
-        self.num_frames = num_frames
-        self.sampling_rate = sampling_rate
+        self.sampler = sampler or ClipSampler(num_frames, sampling_rate, short=short_clip)
+        self.num_frames = self.sampler.num_frames
+        self.sampling_rate = self.sampler.sampling_rate
         self.num_clips = num_clips
         self.num_crops = num_crops
         self.crop_size = crop_size
         self.backend = backend
         self.short_clip = short_clip
         self.num_threads = num_threads
-        self.resize = ShortSideResize(short_side)
+        self.resize = ShortSideResize(short_side, antialias=antialias)
         self.crops = SpatialCrops(crop_size, num_crops)
         self.normalize = Normalize(mean, std)
 
@@ -440,9 +461,7 @@ class VideoTestDataset(Dataset):
         out: dict[str, Any] = {"video": None, "label": label, "index": index, "path": path, "ok": False, "error": None}
         try:
             with open_video(path, self.backend, num_threads=self.num_threads) as reader:
-                clips = test_clip_indices(
-                    reader.num_frames, self.num_frames, self.sampling_rate, self.num_clips, self.short_clip
-                )
+                clips = self.sampler.test(reader.num_frames, self.num_clips)
                 union = sorted({i for clip in clips for i in clip})
                 frames = reader.read(union)  # (U, H, W, 3) uint8
         except VideoDecodeError as e:

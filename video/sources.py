@@ -2,14 +2,18 @@
 (image and video batches mixed, OmniMAE) and ``video_image`` (a clip and an image per item, BEVT).
 
 Keys used: ``data.root`` (videos; prefix of list paths), ``data.train_list`` / ``data.val_list``,
-``data.class_list``, ``data.num_frames``, ``data.sampling_rate``, ``data.num_samples`` (repeated
-sampling), ``data.backend``, ``data.short_clip``, ``data.max_bad_fraction``, ``data.limit``; joint
-sources add ``data.image_dataset`` (any registered image source) at ``data.image_root`` and
+``data.class_list``, ``data.num_frames``, ``data.sampling_rate``, ``data.sampling`` (dense or
+segment; ``auto``: segment for a classifier on ``ssv2``, as VideoMAE fine-tunes and tests
+Something-Something v2, dense otherwise, pretraining on SSv2 included), ``data.clip_rule`` (dense
+clip placement), ``data.num_samples`` and ``data.repeat_mode`` (repeated sampling),
+``data.backend``, ``data.short_clip``, ``data.max_bad_fraction``, ``data.limit``; joint sources
+add ``data.image_dataset`` (any registered image source) at ``data.image_root`` and
 ``data.image_ratio``. Clip randomness is seeded by ``train.seed``.
 
 Augmentation follows the model: pretraining models get VideoMAE's (multi-scale crop, no flip);
-a classifier gets a random-resized crop (``data.min_scale``, ``data.hflip``); ``val`` gives the
-multi-view test set (``data.num_clips`` x ``data.num_crops``).
+a classifier gets a random-resized crop (``data.min_scale``, ``data.hflip``; off for SSv2) and
+VideoMAE's fine-tuning clip rule; ``val`` gives the multi-view test set (``data.num_clips`` x
+``data.num_crops``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from torch.utils.data import ConcatDataset, Dataset
 from mmmae.data.registry import build_dataset, register_dataset
 from mmmae.data.sampler import MixedBatchSampler
 
-from .datasets import (Item, VideoClipDataset, VideoTestDataset, collate_test, list_video_folder, mix_seed,
-                       read_annotation_list, read_ssv2_annotations)
+from .datasets import (REPEAT_MODES, Item, VideoClipDataset, VideoTestDataset, collate_test, list_video_folder,
+                       mix_seed, read_annotation_list, read_ssv2_annotations)
+from .sampling import CLIP_RULES, SAMPLINGS, SHORT_MODES, ClipSampler
 from .transforms import finetune_transform, pretrain_transform
 
-__all__ = ["video_items", "build_video_source", "OmniDataset", "VideoImageDataset", "GroupedImages"]
+__all__ = ["video_items", "clip_sampler", "build_video_source", "OmniDataset", "VideoImageDataset", "GroupedImages"]
 
 
 def _need_file(path: str, key: str) -> str:
@@ -59,9 +64,41 @@ def video_items(cfg: Any, split: str, kind: str) -> list[Item]:
         raise ValueError(f"unknown video source kind {kind!r}")
     if d.limit:
         items = items[: d.limit]
+    if kind == "ssv2":
+        _need_videos(items, list_path, d.root)
     if not items:
         raise ValueError(f"{kind}: no videos for split {split!r}")
     return items
+
+
+def _need_videos(items: list[Item], annotation: str, root: str) -> None:
+    """An annotation json names videos by id: a wrong ``data.root`` or extension is caught here, before
+    every read fails one by one."""
+    missing = [p for p, _ in items if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{annotation}: {len(missing)} of {len(items)} videos are missing under data.root={root!r} "
+            f"(expected <root>/<id>.webm), e.g. {missing[:5]}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}; choose one of {allowed}")
+    return value
+
+
+def clip_sampler(cfg: Any, kind: str, stage: str) -> ClipSampler:
+    """The clip sampler the ``data`` block asks for; ``stage`` is ``pretrain`` or ``finetune``."""
+    d = cfg.data
+    sampling = _one_of(d.sampling, ("auto", *SAMPLINGS), "data.sampling")
+    if sampling == "auto":
+        # VideoMAE fine-tunes and tests SSv2 by segments (ssv2.py; datasets.py build_dataset:
+        # num_segment=num_frames, clip_len=1) but pretrains on it densely (run_mae_pretraining.py's
+        # VideoMAE loader, scripts/ssv2/.../pretrain.sh --sampling_rate 2); Kinetics-style lists are dense.
+        sampling = "segment" if kind == "ssv2" and stage == "finetune" else "dense"
+    return ClipSampler(d.num_frames, d.sampling_rate, sampling=sampling,
+                       rule=_one_of(d.clip_rule, CLIP_RULES, "data.clip_rule"), stage=stage,
+                       short=_one_of(d.short_clip, SHORT_MODES, "data.short_clip"))
 
 
 def _check_frames(cfg: Any, model_cfg: Any) -> None:
@@ -75,21 +112,24 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
     """A clip dataset for training (list of ``num_samples`` views per item) or the test views."""
     _check_frames(cfg, model_cfg)
     d = cfg.data
+    finetune = hasattr(model_cfg, "num_classes")
+    sampler = clip_sampler(cfg, kind, "finetune" if finetune else "pretrain")
+    repeat_mode = _one_of(d.repeat_mode, REPEAT_MODES, "data.repeat_mode")
     items = video_items(cfg, split, kind)
     size = model_cfg.img_size
     if split != "train":
         ds = VideoTestDataset(items, d.num_frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
-                              backend=d.backend, short_clip=d.short_clip)
+                              backend=d.backend, short_clip=d.short_clip, sampler=sampler)
         ds.collate_fn = collate_test  # type: ignore[attr-defined]
         return ds
-    if hasattr(model_cfg, "num_classes"):
+    if finetune:
         transform = finetune_transform(size, scale=(d.min_scale, 1.0), hflip=d.hflip, rand_augment=d.rand_augment,
                                        erase_prob=d.erase_prob)
     else:
         transform = pretrain_transform(size)  # VideoMAE: multi-scale crop, no flip
     return VideoClipDataset(items, d.num_frames, d.sampling_rate, transform, backend=d.backend,
-                            num_samples=d.num_samples, short_clip=d.short_clip,
-                            max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed)
+                            num_samples=d.num_samples, short_clip=d.short_clip, sampler=sampler,
+                            repeat_mode=repeat_mode, max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed)
 
 
 for _kind in ("video_list", "video_folder", "ssv2"):

@@ -91,11 +91,16 @@ def crop_clip(clip: torch.Tensor, top: int, left: int, height: int, width: int) 
     return clip[:, :, top : top + height, left : left + width]
 
 
-def resize_clip(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_clip(clip: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
     """Bilinear resize of every frame to ``size = (H, W)``, same layout and dtype.
 
-    ``antialias=True`` when shrinking matches PIL's bilinear resize (which widens its filter
-    when downscaling), the resize the VideoMAE recipes were tuned with.
+    ``antialias=True`` matches PIL's bilinear resize, which widens its filter when shrinking (VideoMAE's
+    pretraining crops: transforms.py ``GroupMultiScaleCrop`` resizes PIL images). ``antialias=False`` is
+    the plain two-tap bilinear of ``cv2.resize(..., INTER_LINEAR)`` (VideoMAE's test resize,
+    functional.py ``resize_clip``) and of ``F.interpolate`` (its fine-tuning crop): pixel centres at
+    ``(i + 0.5) * scale - 0.5``, clamped at the borders, for enlarging and shrinking alike (OpenCV
+    switches an exact 2x shrink to INTER_AREA, which gives the same 2x2 means). On uint8 frames
+    OpenCV's 11-bit fixed-point weights can differ from this float result by one grey level.
     """
     h, w = _spatial_dims(clip)
     if (h, w) == tuple(size):
@@ -104,7 +109,7 @@ def resize_clip(clip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = clip.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
     else:
         x = clip.permute(1, 0, 2, 3)  # (T, 3, H, W) view
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     if clip.dtype == torch.uint8:
         return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return x.permute(1, 0, 2, 3).contiguous()
@@ -216,6 +221,8 @@ class RandomResizedCropVideo:
         size: output (H, W), or an int for a square.
         scale: range of the crop's area as a fraction of the frame.
         ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+        antialias: see :func:`resize_clip`; VideoMAE's fine-tuning crop (video_transforms.py
+            ``random_resized_crop``) is ``F.interpolate`` bilinear without it.
     """
 
     def __init__(
@@ -224,6 +231,7 @@ class RandomResizedCropVideo:
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         hflip: bool = False,
+        antialias: bool = True,
     ) -> None:
         if scale[0] > scale[1] or ratio[0] > ratio[1]:
             raise ValueError(f"scale {scale} and ratio {ratio} must be (min, max)")
@@ -231,6 +239,7 @@ class RandomResizedCropVideo:
         self.scale = scale
         self.ratio = ratio
         self.hflip = hflip
+        self.antialias = antialias
 
     def sample(self, image_h: int, image_w: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
         """Draw (top, left, crop_h, crop_w): up to 10 tries at a random area and aspect ratio,
@@ -259,7 +268,7 @@ class RandomResizedCropVideo:
         """(T, H, W, 3) uint8 or (3, T, H, W) float -> same layout at ``size``."""
         h, w = _spatial_dims(clip)
         top, left, ch, cw = self.sample(h, w, generator)
-        out = resize_clip(crop_clip(clip, top, left, ch, cw), self.size)
+        out = resize_clip(crop_clip(clip, top, left, ch, cw), self.size, self.antialias)
         # The flip coin is drawn only when flipping is on, so turning it on does not shift the
         # crops drawn for the same seed.
         if self.hflip and float(torch.rand((), generator=generator).item()) < 0.5:
@@ -284,10 +293,12 @@ class RandomHorizontalFlipVideo:
 
 class ShortSideResize:
     """Resize so the short side is ``size``, keeping the aspect ratio (long side truncated to an
-    int, as torchvision's ``Resize(int)`` does)."""
+    int, as torchvision's ``Resize(int)`` and VideoMAE's functional.py ``get_resize_sizes`` do).
+    ``antialias``: see :func:`resize_clip` (False for VideoMAE's cv2 test resize)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, antialias: bool = True) -> None:
         self.size = size
+        self.antialias = antialias
 
     def output_size(self, image_h: int, image_w: int) -> tuple[int, int]:
         if image_h <= image_w:
@@ -296,10 +307,10 @@ class ShortSideResize:
 
     def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         h, w = _spatial_dims(clip)
-        return resize_clip(clip, self.output_size(h, w))
+        return resize_clip(clip, self.output_size(h, w), self.antialias)
 
     def __repr__(self) -> str:
-        return f"ShortSideResize({self.size})"
+        return f"ShortSideResize({self.size}, antialias={self.antialias})"
 
 
 class CenterCropVideo:
@@ -456,9 +467,12 @@ def finetune_transform(
 ) -> Compose:
     """Fine-tuning augmentation in VideoMAE's order: RandAugment on the whole frames (``rand_augment``,
     e.g. ``rand-m7-n4-mstd0.5-inc1``; empty = off), random-resized crop (optional flip),
-    normalisation, then random erasing of each frame with probability ``erase_prob``."""
+    normalisation, then random erasing of each frame with probability ``erase_prob``. The crop is
+    resized without antialiasing, as VideoMAE's ``F.interpolate`` crop (video_transforms.py
+    ``random_resized_crop``); ``hflip`` is off for Something-Something v2 (kinetics.py / ssv2.py
+    ``_aug_frame``: ``random_horizontal_flip=False if args.data_set == 'SSV2'``)."""
     ops: list[ClipTransform] = [RandAugmentVideo(rand_augment)] if rand_augment else []
-    ops += [RandomResizedCropVideo(input_size, scale=scale, hflip=hflip), Normalize()]
+    ops += [RandomResizedCropVideo(input_size, scale=scale, hflip=hflip, antialias=False), Normalize()]
     if erase_prob > 0:
         ops.append(RandomErasingVideo(erase_prob))
     return Compose(ops)
