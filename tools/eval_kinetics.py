@@ -1,11 +1,15 @@
-"""Kinetics multi-view test of a fine-tuned video classifier.
+"""Multi-view test of a fine-tuned video classifier (VideoMAE's Kinetics / Something-Something v2 protocol).
 
 python tools/eval_kinetics.py --config CFG --checkpoint CKPT --out REPORT.json [key=value ...]
 
-Every video of ``data.val_list`` (under ``data.root``) is scored on ``data.num_clips`` evenly spaced
-clips x ``data.num_crops`` spatial crops (VideoMAE: 5x3 on Kinetics, 2x3 on SSv2), short side resized to
-the crop size; per-view softmax scores are averaged per video. The report has top-1, top-5 and mean
-per-class accuracy, the protocol, each video's prediction, and the videos that could not be read.
+Every video of the configured source's val split (``data.dataset``: ``video_list`` reads ``data.val_list``
+as ``path label`` lines under ``data.root``; ``ssv2`` reads ``validation.json`` with ``labels.json`` as
+``data.class_list``) is scored on ``data.num_clips`` temporal clips x ``data.num_crops`` spatial crops, short
+side resized to the crop size (bilinear, no antialias, as VideoMAE's cv2 resize). Clips follow
+``data.sampling``: dense clips on VideoMAE's stride grid (Kinetics, 5 x 3), or one frame per segment
+(SSv2, 2 x 3: configs/finetune_ssv2.yaml). Per-view softmax scores are averaged per video. The report has
+top-1, top-5 and mean per-class accuracy, the protocol, each video's prediction, and the videos that could
+not be read.
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
-"""Kinetics-protocol evaluation of a video classifier: multi-view test, per-video softmax averaging."""
+"""Multi-view evaluation of a video classifier (VideoMAE's test protocol), per-video softmax averaging.
+
+The test views come from the configured data source (``data.dataset``: a ``video_list``, or ``ssv2``'s
+json files), so they follow the source's sampling: dense clips on VideoMAE's stride grid for
+Kinetics (5 clips x 3 crops), segment clips for Something-Something v2 (2 x 3).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from mmmae.config import model_cfg
 from mmmae.convert import load_checkpoint_file
+from mmmae.data.registry import build_dataset
 from mmmae.metrics import aggregate_views, classification_metrics
 from mmmae.registry import build_from_cfg
-from mmmae.video.datasets import VideoTestDataset, collate_test, read_annotation_list
+from mmmae.video.datasets import VideoTestDataset, collate_test
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +38,17 @@ def load_classifier(cfg: DictConfig, checkpoint: str, device: torch.device) -> t
     return model.to(device).eval(), report
 
 
-def test_views_dataset(cfg: DictConfig, list_key: str = "val_list") -> VideoTestDataset:
-    """``num_clips`` x ``num_crops`` views of each video of ``data.val_list`` (paths under ``data.root``)."""
-    lst = cfg.data[list_key]
-    if not lst:
-        raise ValueError(f"data.{list_key} is not set: give the evaluation list (path label per line, or CSV)")
-    if not Path(lst).is_file():
-        raise FileNotFoundError(f"data.{list_key} not found: {lst}")
-    items = read_annotation_list(lst, cfg.data.root, cfg.data.class_list or None)
-    mcfg = model_cfg(cfg.model)
-    return VideoTestDataset(items, num_frames=mcfg.num_frames, sampling_rate=cfg.data.sampling_rate,
-                            num_clips=cfg.data.num_clips, num_crops=cfg.data.num_crops, crop_size=mcfg.img_size,
-                            backend=cfg.data.backend, short_clip=cfg.data.short_clip)
+def test_views_dataset(cfg: DictConfig) -> VideoTestDataset:
+    """``data.num_clips`` x ``data.num_crops`` views of each video of the source's ``val`` split
+    (``data.val_list``: a ``path label`` list, or SSv2's ``validation.json``)."""
+    if not cfg.data.val_list:
+        raise ValueError(f"data.val_list is not set: give the evaluation list of data.dataset={cfg.data.dataset!r} "
+                         "(path label lines or CSV; validation.json for ssv2)")
+    dataset = build_dataset(cfg, "val", model_cfg(cfg.model))
+    if not isinstance(dataset, VideoTestDataset):
+        raise ValueError(f"data.dataset={cfg.data.dataset!r} does not give video test views "
+                         f"(its val split is a {type(dataset).__name__}); use a video source such as video_list or ssv2")
+    return dataset
 
 
 @torch.no_grad()
@@ -85,14 +91,25 @@ def evaluate_kinetics(cfg: DictConfig, checkpoint: str, *, views_per_forward: in
         "metrics": metrics,
         "num_videos": len(dataset), "num_evaluated": len(videos), "num_unreadable": len(failed),
         "unreadable": failed,
-        "protocol": {"num_clips": cfg.data.num_clips, "num_crops": cfg.data.num_crops, "num_frames": mcfg.num_frames,
-                     "sampling_rate": cfg.data.sampling_rate, "crop_size": mcfg.img_size,
-                     "short_side": mcfg.img_size, "aggregation": "mean of per-view softmax"},
+        "protocol": {"dataset": cfg.data.dataset, "num_clips": cfg.data.num_clips, "num_crops": cfg.data.num_crops,
+                     "num_frames": mcfg.num_frames, "sampling_rate": cfg.data.sampling_rate,
+                     "sampling": dataset.sampler.sampling, "clip_rule": dataset.sampler.rule,
+                     "crop_size": mcfg.img_size, "short_side": mcfg.img_size, "resize": "bilinear, no antialias",
+                     "aggregation": "mean of per-view softmax"},
         "checkpoint": checkpoint, "load": load_report, "videos": videos,
     }
 
 
 def _class_names(cfg: DictConfig) -> list[str] | None:
+    """Names by label index: one per line, or SSv2's ``labels.json`` (name -> index string)."""
     if not cfg.data.class_list:
         return None
-    return [line.strip() for line in Path(cfg.data.class_list).read_text().splitlines() if line.strip()]
+    path = Path(cfg.data.class_list)
+    if path.suffix.lower() == ".json":
+        by_name = json.loads(path.read_text(encoding="utf-8"))
+        names = [""] * len(by_name)
+        for name, idx in by_name.items():
+            if 0 <= int(idx) < len(names):
+                names[int(idx)] = name
+        return names
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
