@@ -30,7 +30,8 @@ class EncoderCfg:
     # 0 = image encoder (2-D patches); >0 = video encoder over this many frames (3-D tubelets).
     num_frames: int = 0
     tubelet_size: int = 2
-    pos_embed: str = "sincos"
+    pos_embed: str = "sincos"  # sincos, sincos_1d, or none (positions only from rel_pos_bias)
+    rel_pos_bias: str = "none"  # BEiT relative position bias: none, shared (one table) or block (one per block)
     cls_token: bool = True
 
 
@@ -38,8 +39,8 @@ def build_vision_encoder(cfg: EncoderCfg, **extra) -> VisionEncoder:
     return VisionEncoder(
         cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
         num_frames=cfg.num_frames or None, tubelet_size=cfg.tubelet_size, pos_embed=cfg.pos_embed,
-        qkv_bias=cfg.qkv_bias, drop_path_rate=cfg.drop_path_rate, init_values=cfg.init_values or None,
-        cls_token=cfg.cls_token, attn_impl=cfg.attn_impl, **extra)
+        rel_pos_bias=cfg.rel_pos_bias, qkv_bias=cfg.qkv_bias, drop_path_rate=cfg.drop_path_rate,
+        init_values=cfg.init_values or None, cls_token=cfg.cls_token, attn_impl=cfg.attn_impl, **extra)
 
 
 class EncoderModel(nn.Module):

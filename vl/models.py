@@ -299,6 +299,9 @@ def build_multimodal_encoder(cfg: Any, what: str) -> MultimodalEncoder:
     if cfg.pos_embed != "sincos":
         raise ValueError(f"{what} uses fixed 2-D sin-cos image positions; pos_embed must be 'sincos', "
                          f"got {cfg.pos_embed!r}")
+    if cfg.rel_pos_bias != "none":
+        raise ValueError(f"{what} has no relative position bias over its image + text sequence; rel_pos_bias "
+                         f"must be 'none', got {cfg.rel_pos_bias!r}")
     if cfg.global_pool not in ("token", "avg"):
         raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
     if cfg.global_pool == "token" and not cfg.cls_token:

@@ -60,15 +60,22 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
+    """x + attn(norm1(x)), then x + mlp(norm2(x)), each branch through layer scale and drop path.
+
+    ``window_size`` gives the attention its own relative position bias table (BEiT); a bias shared by
+    all blocks comes in through ``forward``'s ``attn_bias`` instead.
+    """
+
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: QkvBias = "qkv",
                  drop_path: float = 0.0, init_values: float | None = None, attn_impl: AttnImpl = "auto",
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 window_size: tuple[int, int] | None = None, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
                  act_layer: Callable[[], nn.Module] = nn.GELU, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl, **factory)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl, window_size=window_size,
+                              **factory)
         self.ls1 = LayerScale(dim, init_values, **factory) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
@@ -76,6 +83,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values, **factory) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias)))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D); attn_bias broadcastable to (B, heads, N, N); token_index (B or 1, N) for a
+        block with its own relative position table (see ``Attention.forward``)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias, token_index)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
