@@ -43,6 +43,19 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is untouched."""
+
+
+def resume_candidates(resume: str, output_dir: str | Path) -> list[Path]:
+    """Checkpoints to try, in order: for ``auto`` every complete one, newest first (a newest one that
+    turns out unreadable falls back to the one before); for a path just that folder."""
+    if resume == "auto":
+        return complete_checkpoints(output_dir)[::-1]
+    found = resolve_resume(resume, output_dir)
+    return [found] if found is not None else []
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """``""`` -> None; ``auto`` -> the latest complete checkpoint (or None); else a checkpoint folder."""
     if not resume:
@@ -78,8 +91,18 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, client_state
     D.barrier()
     # Each rank's RNG state travels in its own file: resumed dropout / drop-path draws continue exactly.
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    torch.save(rng, root / tmp_tag / f"rng_rank{D.rank()}.pt")
+    error = ""
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng, root / tmp_tag / f"rng_rank{D.rank()}.pt")
+    except OSError as e:
+        error = f"rank {D.rank()}: {e}"
+    # Every rank learns of a failed write (no rank is left waiting at the barrier below).
+    if D.all_reduce_max(1.0 if error else 0.0):
+        previous = complete_checkpoints(output_dir)
+        keep = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write checkpoint {root / tmp_tag} ({error or 'failed on another rank'}); "
+                                   f"{keep}; the unfinished {tmp_tag} is ignored by resume=auto")
     delay = float(os.environ.get(PUBLISH_DELAY_ENV) or 0)
     if delay > 0:
         time.sleep(delay)
@@ -109,6 +132,27 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return client_state
+
+
+def load_first_readable(engine: Any, candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """Load the first candidate every rank can read; an unreadable one (a truncated or corrupt file)
+    is named in a warning and the next is tried. None when there is no candidate; an error naming
+    each one when none loads."""
+    failures: list[str] = []
+    for path in candidates:
+        error = ""
+        try:
+            state = load_checkpoint(engine, path)
+        except Exception as e:  # torch / DeepSpeed raise many kinds for a damaged file
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not D.all_reduce_max(1.0 if error else 0.0):
+            return path, state
+        failures.append(f"{path} ({error or 'unreadable on another rank'})")
+        log.warning("checkpoint %s is unreadable (%s); trying the previous complete one", path,
+                    error or "on another rank")
+    if failures:
+        raise RuntimeError("no checkpoint could be loaded: " + "; ".join(failures))
+    return None
 
 
 def consolidated_state_dict(engine: Any, last_ckpt: Path | None) -> dict[str, torch.Tensor] | None:

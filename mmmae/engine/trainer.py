@@ -24,8 +24,8 @@ from mmmae.data.collate import MaskCollator, collate_dicts
 from mmmae.data.registry import build_dataset
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
 from mmmae.engine import dist as D
-from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_checkpoint,
-                                     resolve_resume, save_checkpoint, save_safetensors)
+from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_first_readable,
+                                     resume_candidates, save_checkpoint, save_safetensors)
 from mmmae.engine.metrics import MetricsLogger
 from mmmae.engine.optim import lr_at, param_groups
 from mmmae.engine.visualize import panel_for, save_png
@@ -305,9 +305,9 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     nonfinite_total = 0
     # Unreadable inputs the datasets skipped, by batch counter (skipped_videos, skipped_images).
     skipped: dict[str, int] = {}
-    resume_from = resolve_resume(cfg.resume, out_dir)
-    if resume_from is not None:
-        state = load_checkpoint(engine, resume_from)
+    loaded = load_first_readable(engine, resume_candidates(cfg.resume, out_dir)) if cfg.resume else None
+    if loaded is not None:
+        resume_from, state = loaded
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
         nonfinite_total = state.get("nonfinite_total", 0)
         skipped.update(state.get("skipped", {}))
