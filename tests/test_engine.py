@@ -106,6 +106,58 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path: Path, fash
 
 
 @pytest.mark.slow
+def test_torchrun_two_nodes_on_one_machine(tmp_path: Path, fashion_mnist: Path) -> None:
+    """Two torchrun agents (--nnodes 2, node ranks 0 and 1) meeting through a c10d rendezvous on
+    localhost, as two nodes would: one group of two, one run directory written by rank 0."""
+    from conftest import VENV_BIN, _free_port
+
+    run, port = tmp_path / "two_nodes", _free_port()
+    agents = [subprocess.Popen(
+        [str(VENV_BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "mmmae-test",
+         str(ROOT / "tools" / "train.py"), *TINY, f"output_dir={run}", "train.max_steps=4", "train.log_every=2",
+         "ds.zero_optimization.stage=1"], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for n in (0, 1)]
+    codes, log = _finish(agents)
+    assert codes == [0, 0], log
+    assert _metrics(run)[-1]["step"] == 4
+    assert len(list((run / "checkpoints" / "step_00000004").glob("*optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_and_resume_completes(tmp_path: Path, fashion_mnist: Path) -> None:
+    """kill -9 one rank of a 2-process deepspeed job mid-run: the job ends non-zero within 60 s (no
+    hang), and resume=auto then completes from the last checkpoint."""
+    from conftest import VENV_BIN, _free_port
+
+    run = tmp_path / "dead_rank"
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tools" / "train.py"), *TINY, f"output_dir={run}", "train.max_steps=400", "train.log_every=1",
+           "train.ckpt_every=2", "resume=auto"]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and job.poll() is None:
+        if (run / "checkpoints" / "step_00000002").is_dir() and len(_metrics(run)) >= 3:
+            break
+        time.sleep(0.2)
+    ranks = subprocess.run(["pgrep", "-s", str(job.pid), "-f", "--", "local_rank=1"], capture_output=True, text=True)
+    victim = int(ranks.stdout.split()[0])
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("the job hung for 60 s after one rank died")
+    assert job.returncode != 0 and time.time() - killed_at < 60
+    stopped = _metrics(run)[-1]["step"]
+    run_tool("train.py", [*TINY, f"output_dir={run}", f"train.max_steps={stopped + 2}", "train.log_every=1",
+                          "train.ckpt_every=1000", "resume=auto"], procs=2)
+    assert _metrics(run)[-1]["step"] == stopped + 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, accum, precision", [(2, 1, "bf16_weights"), (3, 2, "bf16")])
 def test_deepspeed_two_processes(tmp_path: Path, stage: int, accum: int, precision: str, fashion_mnist: Path) -> None:
     run = tmp_path / f"zero{stage}"

@@ -7,12 +7,15 @@ import logging
 import os
 import re
 import socket
+from datetime import timedelta
 from typing import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT_ENV = "MMMAE_COLLECTIVE_TIMEOUT_S"  # seconds; default 600
 
 
 def _free_port() -> int:
@@ -172,7 +175,10 @@ def init_distributed() -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        # A collective that waits longer than this fails instead of hanging (a dead peer on gloo fails
+        # at once; a stuck one after the timeout).
+        timeout = timedelta(seconds=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV) or 600))
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return device
 
 
