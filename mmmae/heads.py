@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmmae.encoder import VisionEncoder
+from mmmae.layers.fixed import release_fixed_buffer
+from mmmae.layers.pos_embed import interpolate_pos_table, pos_table
 from mmmae.registry import register_model
 
 
@@ -109,6 +112,27 @@ class ClassifierCfg(EncoderCfg):
     head_drop: float = 0.0
     label_smoothing: float = 0.0
     linear_probe: bool = False  # freeze the encoder, BatchNorm + linear head (MAE's protocol)
+    # The encoder's position table: "learned" (facebookresearch/mae main_finetune.py / main_linprobe.py:
+    # timm's ViT pos_embed, a parameter initialised from the pretrained table, bicubic-interpolated when
+    # the grid changes), "fixed" (MCG-NJU/VideoMAE run_class_finetuning.py, use_learnable_pos_emb=False,
+    # and young-geng/m3ae_public finetune_main.py: the sin-cos table of the model's own grid, built
+    # afresh at any resolution or frame count), "auto": learned for images, fixed for videos.
+    pos_table: str = "auto"
+    # Image size the init_from weights were pretrained at, i.e. the grid of their table; 0: as written
+    # in the pretraining run's config.yaml beside the weights, else img_size. Used by a learned table.
+    init_img_size: int = 0
+
+
+POS_TABLES = ("auto", "learned", "fixed")
+
+
+def resolve_pos_table(cfg: ClassifierCfg) -> str:
+    """``"learned"`` or ``"fixed"``: the fine-tuning rule of the reference each kind of input follows."""
+    if cfg.pos_table not in POS_TABLES:
+        raise ValueError(f"pos_table must be one of {', '.join(POS_TABLES)}, got {cfg.pos_table!r}")
+    if cfg.pos_table == "auto":
+        return "fixed" if cfg.num_frames else "learned"
+    return cfg.pos_table
 
 
 class Classifier(EncoderModel):
@@ -118,12 +142,25 @@ class Classifier(EncoderModel):
     ``forward(batch)`` takes ``batch["image"]`` or ``batch["video"]`` and optional ``batch["label"]``
     (class indices (B,) or soft targets (B, num_classes), as mixup makes) and returns ``logits`` and,
     given labels, ``loss``.
+
+    Position table (``pos_table``): image classifiers follow MAE's fine-tuning and linear probe, a
+    learned ``encoder.pos_embed`` (stored in the state dict; frozen with the encoder in a linear
+    probe) that :func:`load_encoder_state` fills from the pretrained table, resized to this grid;
+    video classifiers follow VideoMAE's, the fixed sin-cos table of their own grid.
     """
 
     def __init__(self, cfg: ClassifierCfg) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = build_vision_encoder(cfg, final_norm=cfg.global_pool == "token")
+        self.learned_pos = resolve_pos_table(cfg) == "learned" and self.encoder.pos_embed is not None
+        if cfg.pos_table == "learned" and self.encoder.pos_embed is None:
+            raise ValueError(f"pos_table='learned' needs a position table; pos_embed={cfg.pos_embed!r} has none")
+        if self.learned_pos:
+            # timm's ViT keeps its table as a parameter: fine-tuning trains it (no weight decay).
+            table = self.encoder.pos_embed.detach().clone()
+            self._make_pos_embed = release_fixed_buffer(self.encoder, "pos_embed")
+            self.encoder.pos_embed = nn.Parameter(table)
         d = cfg.embed_dim
         if cfg.linear_probe:
             self.encoder.requires_grad_(False)
@@ -136,10 +173,17 @@ class Classifier(EncoderModel):
 
     def init_weights(self) -> None:
         self.encoder.init_weights()
+        if self.learned_pos:  # the pretraining table until load_encoder_weights brings the checkpoint's
+            with torch.no_grad():
+                self.encoder.pos_embed.copy_(self._make_pos_embed())
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
             self.head.weight.data.mul_(self.cfg.head_init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        # timm's VisionTransformer.no_weight_decay names pos_embed (MAE's lr-decay groups use it).
+        return super().no_weight_decay() | ({"encoder.pos_embed"} if self.learned_pos else set())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels -> pooled, normed features (B, D)."""
@@ -183,14 +227,77 @@ def vision_encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.
     return out
 
 
-def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder."
-                         ) -> tuple[list[str], list[str]]:
-    """Load the ``encoder.*`` part of a pretraining checkpoint into ``model.encoder``.
+def _stored_table_grid(rows: int, model_grid: tuple[int, ...], given: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The grid of a checkpoint's table with ``rows`` patch rows: ``given`` when it fits, else square
+    (MAE's interpolate_pos_embed) per time slice of the model's T (VideoMAE's run_class_finetuning.py)."""
+    if given is not None:
+        n = 1
+        for g in given:
+            n *= g
+        if n != rows:
+            raise ValueError(f"the checkpoint's position table has {rows} rows, not the {n} of the pretraining "
+                             f"grid {given}; set model.init_img_size to the size it was trained at")
+        return tuple(given)
+    slices = model_grid[0] if len(model_grid) == 3 else 1
+    side = int(round((rows / slices) ** 0.5))
+    if side * side * slices != rows:
+        raise ValueError(f"cannot read a square grid from the checkpoint's {rows}-row position table "
+                         f"({slices} time slices); set model.init_img_size")
+    return (slices, side, side) if len(model_grid) == 3 else (side, side)
 
-    Returns (missing, unexpected) encoder keys; position tables are fixed buffers and never stored.
+
+def _learned_table(model: Classifier, stored: torch.Tensor | None, source_grid: tuple[int, ...] | None
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The table a learned ``pos_embed`` starts fine-tuning from: the checkpoint's own, or else the
+    fixed sin-cos table the encoder was pretrained with (over ``source_grid``, default the model's grid),
+    bicubic-interpolated to the model's grid when the grids differ (MAE's interpolate_pos_embed)."""
+    enc = model.encoder
+    grid = tuple(enc.grid_size)
+    if stored is not None:
+        src = _stored_table_grid(stored.reshape(-1, stored.shape[-1]).shape[0], grid, source_grid)
+        table, origin = stored.reshape(1, -1, stored.shape[-1]), "checkpoint"
+    else:
+        src = tuple(source_grid) if source_grid is not None else grid
+        table, origin = pos_table(model.cfg.pos_embed, model.cfg.embed_dim, src).unsqueeze(0), "pretraining sin-cos"
+    out = interpolate_pos_table(table.to(enc.pos_embed.dtype), src, grid)
+    return out, {"table": "learned", "source": origin, "from_grid": list(src), "to_grid": list(grid),
+                 "interpolated": src != grid}
+
+
+@dataclass
+class EncoderLoad:
+    """What :func:`load_encoder_state` did: missing / unexpected encoder keys and, in words and grids,
+    where the position table came from."""
+
+    missing: list[str]
+    unexpected: list[str]
+    pos_embed: dict[str, Any]
+
+
+def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder.",
+                       source_grid: tuple[int, ...] | None = None) -> EncoderLoad:
+    """Load the ``prefix``-ed part of a pretraining checkpoint into ``model.encoder``.
+
+    A classifier with a learned table (``pos_table``) gets the checkpoint's table, or the sin-cos table
+    its encoder was pretrained with over ``source_grid`` (the pretraining token grid; default the
+    model's), resized to the model's grid. A fixed table stays the model's own sin-cos table, and a
+    table in the checkpoint is then reported as unexpected (VideoMAE: the fine-tuning model has none).
     """
     enc_state = vision_encoder_state(state, prefix)
     if not enc_state:
         raise KeyError(f"checkpoint has no keys under {prefix!r}; first keys: {list(state)[:5]}")
+    grid = list(model.encoder.grid_size)
+    if isinstance(model, Classifier) and model.learned_pos:
+        enc_state["pos_embed"], pos = _learned_table(model, enc_state.get("pos_embed"), source_grid)
+    else:
+        pos = {"table": "fixed" if model.encoder.pos_embed is not None else "none", "source": "model",
+               "from_grid": grid, "to_grid": grid, "interpolated": False}
     result = model.encoder.load_state_dict(enc_state, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    return EncoderLoad(list(result.missing_keys), list(result.unexpected_keys), pos)
+
+
+def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder.",
+                         source_grid: tuple[int, ...] | None = None) -> tuple[list[str], list[str]]:
+    """:func:`load_encoder_state`, returning only the (missing, unexpected) encoder keys."""
+    res = load_encoder_state(model, state, prefix=prefix, source_grid=source_grid)
+    return res.missing, res.unexpected

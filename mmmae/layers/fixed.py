@@ -30,3 +30,12 @@ def reset_fixed_buffers(root: nn.Module) -> None:
                 fresh = make()
             device = old.device if old.device.type != "meta" else torch.device("cpu")
             setattr(m, name, fresh.to(device=device, dtype=old.dtype if old.is_floating_point() else fresh.dtype))
+
+
+def release_fixed_buffer(module: nn.Module, name: str) -> Callable[[], torch.Tensor]:
+    """Drop the fixed buffer ``name`` (so a learned parameter can take its place); returns its recipe."""
+    makers = module.__dict__.get("_fixed_buffer_makers", {})
+    if name not in makers:
+        raise KeyError(f"{type(module).__name__} has no fixed buffer {name!r}; it has {sorted(makers)}")
+    delattr(module, name)
+    return makers.pop(name)

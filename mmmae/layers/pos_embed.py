@@ -85,3 +85,52 @@ def sincos_pos_embed_3d(embed_dim: int, grid_size: tuple[int, int, int]) -> torc
     spatial = spatial[None].expand(gt, -1, -1)
     temporal = temporal[:, None].expand(-1, gh * gw, -1)
     return torch.cat([spatial, temporal], dim=-1).reshape(gt * gh * gw, embed_dim)
+
+
+def interpolate_pos_table(table: torch.Tensor, src_grid: tuple[int, ...], dst_grid: tuple[int, ...], *,
+                          num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Resample a position table from one token grid to another, as the references fine-tune at a
+    new resolution.
+
+    2-D, (H, W) -> (H', W'): facebookresearch/mae util/pos_embed.py ``interpolate_pos_embed`` (from
+    DeiT): the patch rows become a (1, D, H, W) image, ``F.interpolate(mode="bicubic",
+    align_corners=False)`` resizes it, and it is flattened back row-major; the prefix rows ([cls])
+    are kept as they are.
+    3-D, (T, H, W) -> (T, H', W'): MCG-NJU/VideoMAE run_class_finetuning.py: each of the T time
+    slices is resized the same way over space; time is never interpolated, so T must not change.
+
+    Args:
+        table: (1, P+L, D) or (P+L, D), L = prod(src_grid), rows t-major then row-major.
+        src_grid / dst_grid: the token grids, both 2-D or both 3-D.
+        num_prefix_tokens: P leading rows left untouched.
+    Returns:
+        the table over ``dst_grid``, (1, P+L', D) or (P+L', D) like the input, in its dtype.
+    """
+    src, dst = tuple(src_grid), tuple(dst_grid)
+    if len(src) not in (2, 3) or len(dst) != len(src):
+        raise ValueError(f"grids must both be (H, W) or both (T, H, W), got {src} and {dst}")
+    if len(src) == 3 and src[0] != dst[0]:
+        raise ValueError(f"a (T, H, W) table is resized over space only (VideoMAE keeps T): got T={src[0]} "
+                         f"-> T={dst[0]}; a different frame count needs a table of its own")
+    batched = table.ndim == 3
+    if not batched:
+        table = table.unsqueeze(0)
+    if table.ndim != 3 or table.shape[0] != 1:
+        raise ValueError(f"table must be (1, P+L, D) or (P+L, D), got {tuple(table.shape)}")
+    n_src = 1
+    for g in src:
+        n_src *= g
+    if table.shape[1] != num_prefix_tokens + n_src:
+        raise ValueError(f"table has {table.shape[1]} rows but {num_prefix_tokens} prefix rows + grid {src} "
+                         f"need {num_prefix_tokens + n_src}")
+    if src == dst:
+        return table if batched else table[0]
+    d = table.shape[-1]
+    prefix, body = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
+    slices, (h, w), (h2, w2) = (src[0] if len(src) == 3 else 1), src[-2:], dst[-2:]
+    # (1, T*H*W, D) -> (T, D, H, W): every time slice is one image of D channels.
+    grid = body.reshape(slices, h, w, d).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=(h2, w2), mode="bicubic", align_corners=False)
+    body = grid.permute(0, 2, 3, 1).reshape(1, slices * h2 * w2, d).to(table.dtype)
+    out = torch.cat([prefix, body], dim=1)
+    return out if batched else out[0]
