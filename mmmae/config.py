@@ -62,6 +62,10 @@ class DataCfg:
     rand_augment: str = ""  # fine-tuning: timm RandAugment spec, e.g. rand-m7-n4-mstd0.5-inc1 ("" = off)
     erase_prob: float = 0.0  # fine-tuning: random erasing probability per frame (VideoMAE: 0.25)
     caption_mode: str = "all"  # all: one pair per caption; random: one caption per image per epoch
+    # Statistics the caption data's transform (captions source, retrieval, extraction) normalises
+    # images with: cc12m, imagenet, none, or auto: cc12m for data.dataset=captions (m3ae_public
+    # ImageTextDataset's default), imagenet for any other source (its ImageNet datasets' default)
+    caption_image_norm: str = "auto"
     length: int = 256  # synthetic source size
 
 

@@ -237,6 +237,44 @@ def test_image_only_and_text_only_batches() -> None:
         model({"label": torch.zeros(2)})
 
 
+def test_recipe_defaults_follow_m3ae_main() -> None:
+    """m3ae_main.py flags: image_loss_weight=1.0, text_loss_weight=0.1, unpaired_text_loss_weight=0.0;
+    the pixel target is the normalised image's patches as they are (no per-patch normalisation)."""
+    for mcfg in (tiny().cfg, model_cfg(load_config("m3ae.yaml").model)):
+        weights = (mcfg.image_weight, mcfg.text_weight, mcfg.image_only_weight, mcfg.text_only_weight)
+        assert weights == (1.0, 0.1, 1.0, 0.0)
+        assert mcfg.norm_pix_loss is False
+    model = tiny().train()
+    batch = model.example_batch(2, seed=9)
+    out = model(batch)
+    assert torch.allclose(out["loss"], out["image_loss"] + 0.1 * out["text_loss"])
+    # A text-only (unpaired) batch adds nothing by default, as the reference's weight 0.0.
+    text_only = {"text": batch["text"], "text_pad": batch["text_pad"], "text_mask": batch["text_mask"]}
+    out = model(text_only)
+    assert out["loss"] == 0 and out["text_loss"] > 0
+    # An image whose caption was dropped: the image loss at image_loss_weight.
+    out = model({"image": batch["image"], "mask": batch["mask"]})
+    assert torch.allclose(out["loss"], out["image_loss"])
+
+
+def test_image_loss_is_the_references_patch_mse_loss() -> None:
+    """m3ae/model.py patch_mse_loss(image_output, extract_patches(image, p), image_mask), written out
+    again on channels-last images as the reference has them."""
+    model = tiny()
+    batch = model.example_batch(3, seed=10)
+    with torch.no_grad():
+        out = model(batch)
+    p = model.cfg.patch_size
+    nhwc = batch["image"].permute(0, 2, 3, 1)
+    b, h, w, c = nhwc.shape
+    target = nhwc.reshape(b, h // p, p, w // p, p, c).swapaxes(2, 3).reshape(b, (h // p) * (w // p), p * p * c)
+    valid = out["mask"].float()
+    valid_ratio = valid.sum(-1) / valid.shape[-1]
+    per_patch = ((target - out["pred"]) ** 2).mean(-1)
+    ref = (torch.where(valid > 0, per_patch, 0.0).mean(-1) / valid_ratio).mean()
+    assert torch.allclose(out["image_loss"], ref, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- features
 
 

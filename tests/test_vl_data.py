@@ -551,3 +551,35 @@ def test_retrieval_split(coco_val: list[CaptionRecord], openclip_tok: OpenClipBP
     ids, pad = split.tokenize(openclip_tok, batch_size=100)
     assert ids.shape == pad.shape == (395, S)
     assert torch.equal(ids[7], openclip_tok([split.captions[7]])[0][0])
+
+
+# ------------------------------------------------------------------------ image normalisation (M3AE)
+
+
+def test_m3ae_normalises_with_cc12m_statistics() -> None:
+    """young-geng/m3ae_public m3ae/data.py ImageTextDataset: image_normalization='cc12m' by default,
+    mean (0.5762, 0.5503, 0.5213), std (0.3207, 0.3169, 0.3307), after ToTensor's [0, 1]."""
+    from mmmae.config import load_config, model_cfg
+    from mmmae.vl.sources import caption_image_norm, caption_transform
+
+    assert vdata.image_stats("cc12m") == ((0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307))
+    assert vdata.image_stats("imagenet") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with pytest.raises(ValueError, match="cc12m, imagenet, none"):
+        vdata.image_stats("laion")
+    rgb = (200, 100, 30)
+    flat = Image.new("RGB", (40, 50), rgb)
+    cfg = load_config("m3ae_tiny.yaml")
+    mcfg = model_cfg(cfg.model)
+    assert caption_image_norm(cfg) == "cc12m"
+    mean, std = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)
+    want = torch.tensor([(v / 255 - m) / s for v, m, s in zip(rgb, mean, std)])
+    for split in ("train", "val"):
+        x = caption_transform(cfg, mcfg, split)(flat)
+        assert x.shape == (3, 32, 32)
+        assert torch.allclose(x, want[:, None, None].expand_as(x), atol=1e-5), split
+    # Named choices; "auto" follows the data: ImageNet's statistics for a source other than captions.
+    other = load_config("m3ae_tiny.yaml", ["data.caption_image_norm=imagenet"])
+    assert caption_image_norm(other) == "imagenet"
+    assert caption_image_norm(load_config("image_mae_tiny.yaml")) == "imagenet"
+    with pytest.raises(ValueError, match="got 'laion'"):
+        caption_transform(load_config("m3ae_tiny.yaml", ["data.caption_image_norm=laion"]), mcfg, "val")

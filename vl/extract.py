@@ -357,13 +357,14 @@ def extract(cfg: DictConfig, checkpoint: str, modality: str, input_path: str, ou
         vectors = embed_texts(emb.text, ids, pad, batch_size=bs, device=device, progress=progress)
         protocol = {"tokenizer": repr(tokenizer), "max_len": cfg.text.max_len}
     elif modality == "image":
+        from mmmae.vl.sources import caption_image_norm
         items = list_images(input_path, root)
         vectors, keep, failed = embed_image_files(
             emb.image, [it.path for it in items], image_transform(cfg, mcfg), batch_size=bs,
             num_workers=cfg.data.num_workers, device=device, progress=progress)
         skipped = [{"id": items[f["index"]].id, "path": items[f["index"]].path, "reason": f["error"]} for f in failed]
-        protocol = {"transform": "resize short side to img_size (bicubic), centre crop, ImageNet normalisation",
-                    "img_size": mcfg.img_size}
+        protocol = {"transform": "resize short side to img_size (bicubic), centre crop, "
+                                 f"{caption_image_norm(cfg)} normalisation", "img_size": mcfg.img_size}
     else:
         items = list_videos(input_path, root)
         vectors, keep, skipped, protocol = _embed_videos(emb, cfg, mcfg, items, bs, device, progress)

@@ -10,7 +10,13 @@ vocabulary logits for every text position. Loss (sec. 3):
 Facts taken from the reference (young-geng/m3ae_public ``m3ae/model.py`` and ``m3ae_main.py``):
 
 - image and text mask ratios 0.75 / 0.75; ``text_loss_weight`` 0.1 and ``image_loss_weight`` 1.0
-  in the code's defaults (its README's CC12M command uses 0.5 for text);
+  in the code's defaults (its README's CC12M command uses 0.5 for text); ``unpaired_text_loss_weight``
+  0.0 (m3ae_main.py: a text-only batch adds nothing unless it is raised; here ``text_only_weight``);
+  an image without its caption (the reference's dropped text: all padding) weighs its image loss by
+  ``image_loss_weight`` (here ``image_only_weight``, 1.0);
+- the image is the [0, 1] picture minus CC12M's mean over its std (m3ae/data.py, the ``captions``
+  source here), and the pixel target is those normalised patches as they are (``patch_mse_loss``
+  on ``extract_patches(image)``: ``norm_pix_loss=False``);
 - text masking draws over all S positions, padding included; padding is excluded as an attention
   key in both encoder and decoder and never counts in the loss;
 - cross-entropy is averaged per sample over its hidden non-padding tokens, then over the batch;
@@ -22,9 +28,8 @@ Facts taken from the reference (young-geng/m3ae_public ``m3ae/model.py`` and ``m
   (``global_pool=False`` in its linear probe and fine-tuning), so ``global_pool="token"`` here.
 
 Where this code differs on purpose: masks are drawn per sample in the data pipeline (the
-reference shares one permutation across a device batch); the pixel target is per-patch normalised
-by default (``norm_pix_loss=True``, as MAE; the reference regresses the mean/std-normalised
-patches, i.e. ``norm_pix_loss=False``).
+reference shares one permutation across a device batch). ``norm_pix_loss=True`` (a named option)
+normalises each target patch by its own mean and variance, as MAE does.
 """
 
 from __future__ import annotations
@@ -62,12 +67,13 @@ class M3AECfg(EncoderCfg):
     text_mask_ratio: float = 0.75
     image_weight: float = 1.0  # reference image_loss_weight
     text_weight: float = 0.1  # reference text_loss_weight (code default)
-    # Unpaired batches: only ``image`` (an MAE step) or only ``text`` (the reference's unpaired text).
+    # Unpaired batches: only ``image`` (weighed like image_loss_weight) or only ``text`` (the
+    # reference's unpaired_text_loss_weight, 0.0 in m3ae_main.py).
     image_only_weight: float = 1.0
-    text_only_weight: float = 0.1
+    text_only_weight: float = 0.0
     vocab_size: int = 49408  # open_clip BPE; 30522 for bert-base-uncased (the reference's tokenizer)
     max_len: int = 64  # text positions S (the fixed text table covers 0..max_len-1)
-    norm_pix_loss: bool = True
+    norm_pix_loss: bool = False  # the reference regresses the mean/std-normalised patches as they are
     global_pool: str = "token"  # pooled features for encode_image / encode_text: "token" ([cls]) or "avg"
 
 

@@ -7,8 +7,9 @@ positions, which must match the model's ``max_len`` and fit its ``vocab_size``.
 
 Train images go through M3AE's pretraining transform (MAE's: RandomResizedCrop(img_size,
 scale=(data.min_scale, 1)), optional flip, normalisation); val images through M3AE's test transform
-(resize the short side to img_size, centre crop). Normalisation is ImageNet's (the reference's
-default for CC12M used CC12M's own statistics).
+(resize the short side to img_size, centre crop). Pixels in [0, 1] are normalised with CC12M's mean
+and std, as young-geng/m3ae_public m3ae/data.py ``ImageTextDataset`` does by default
+(``data.caption_image_norm``: auto, cc12m, imagenet or none; see :func:`caption_image_norm`).
 
 Samples are dicts (``image``, ``text``, ``text_pad``, ``caption``, ``image_id``, ``index``,
 ``skipped``) that the engine's default ``collate_dicts`` stacks; the dataset also carries
@@ -22,7 +23,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from mmmae.data.registry import register_dataset
-from mmmae.vl.data import CaptionDataset, Transform, build_caption_dataset, collate_captions
+from mmmae.vl.data import CaptionDataset, Transform, build_caption_dataset, collate_captions, image_stats
 from mmmae.vl.tokenizers import TextTokenizer, build_tokenizer
 
 
@@ -57,11 +58,25 @@ def check_text_fits_model(tokenizer: TextTokenizer, model_cfg: Any) -> None:
                          f"set model.vocab_size={tokenizer.vocab_size}")
 
 
+def caption_image_norm(cfg: Any) -> str:
+    """The statistics' name for ``data.caption_image_norm``; ``auto`` follows the data: M3AE's
+    image-text data (``data.dataset=captions``) is normalised with CC12M's statistics, anything else
+    with ImageNet's (m3ae/data.py: ImageTextDataset vs ImageNetDataset defaults)."""
+    name = cfg.data.caption_image_norm
+    if name == "auto":
+        return "cc12m" if cfg.data.dataset == "captions" else "imagenet"
+    image_stats(name)  # a clear error for an unknown name
+    return name
+
+
 def caption_transform(cfg: Any, model_cfg: Any, split: str) -> Transform:
     from mmmae.data.transforms import eval_transform, mae_train_transform
+    mean, std = image_stats(caption_image_norm(cfg))
     if split == "train":
-        return mae_train_transform(model_cfg.img_size, scale=(cfg.data.min_scale, 1.0), hflip=cfg.data.hflip)
-    return eval_transform(model_cfg.img_size, crop_pct=1.0)  # M3AE's "test": Resize(size) + CenterCrop(size)
+        return mae_train_transform(model_cfg.img_size, scale=(cfg.data.min_scale, 1.0), hflip=cfg.data.hflip,
+                                   mean=mean, std=std)
+    # M3AE's "test": Resize(size) + CenterCrop(size)
+    return eval_transform(model_cfg.img_size, crop_pct=1.0, mean=mean, std=std)
 
 
 @register_dataset("captions")
