@@ -79,6 +79,7 @@ class TextCfg:
 class OptimCfg:
     blr: float = 1.5e-4  # base lr; effective lr = blr * global batch / 256
     lr: float = 0.0  # absolute lr; overrides blr when > 0
+    lr_counts_repeats: bool = False  # the lr's batch counts data.num_samples views (the references do not)
     min_lr: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -247,7 +248,15 @@ def global_batch_size(cfg: DictConfig, world_size: int) -> int:
 
 
 def effective_lr(cfg: DictConfig, world_size: int) -> float:
-    """MAE's linear scaling rule: lr = blr x global batch / 256 (unless an absolute lr is given)."""
+    """MAE's linear scaling rule: lr = blr x batch / 256 (unless an absolute lr is given).
+
+    The batch counts loader items x accumulation x processes, as the references do (MAE and MAE-ST
+    ``eff_batch_size = batch_size * accum_iter * world_size``; VideoMAE / VideoMAEv2 ``batch_size *
+    num_tasks`` with ``--num_sample`` views per item not counted). ``optim.lr_counts_repeats=true``
+    counts the repeated views too."""
     if cfg.optim.lr > 0:
         return float(cfg.optim.lr)
-    return float(cfg.optim.blr) * global_batch_size(cfg, world_size) / 256
+    batch = global_batch_size(cfg, world_size)
+    if not cfg.optim.lr_counts_repeats:
+        batch //= max(cfg.data.num_samples, 1)
+    return float(cfg.optim.blr) * batch / 256

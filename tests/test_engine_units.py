@@ -56,7 +56,12 @@ def test_warmup_then_cosine() -> None:
 def test_effective_lr_counts_accumulation_world_and_views() -> None:
     cfg = load_config(None, ["data.batch_size=32", "train.accum_steps=4", "optim.blr=1.5e-4", "data.num_samples=2"])
     assert global_batch_size(cfg, 8) == 32 * 2 * 4 * 8
-    assert effective_lr(cfg, 8) == pytest.approx(1.5e-4 * 2048 / 256)
+    # The references scale by loader items, not repeated views (MAE / MAE-ST eff_batch_size,
+    # VideoMAEv2 run_mae_pretraining.py total_batch_size = batch_size * num_tasks).
+    assert effective_lr(cfg, 8) == pytest.approx(1.5e-4 * 32 * 4 * 8 / 256)
+    counted = load_config(None, ["data.batch_size=32", "train.accum_steps=4", "optim.blr=1.5e-4",
+                                 "data.num_samples=2", "optim.lr_counts_repeats=true"])
+    assert effective_lr(counted, 8) == pytest.approx(1.5e-4 * 2048 / 256)
     assert effective_lr(load_config(None, ["optim.lr=0.01"]), 8) == 0.01
 
 
