@@ -31,7 +31,7 @@ def _check_run_dir(run: Path, steps: int) -> None:
     rows = _metrics(run)
     assert rows[-1]["step"] == steps
     for key in ("step", "epoch", "loss", "mse_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
-                "skipped_images", "nonfinite_steps"):
+                "skipped_images", "nonfinite_steps", "step_time_s", "data_wait_share", "mfu"):
         assert key in rows[-1], key
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]

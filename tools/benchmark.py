@@ -24,22 +24,9 @@ from typing import Any, Callable
 
 import torch
 
+from mmmae.engine.perf import count_flops, matmul_peak_tflops, spec_peak_tflops
+
 log = logging.getLogger("mmmae.benchmark")
-
-
-def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
-    """Achievable dense matmul throughput at this precision, measured now (n x n x n products)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def _sync(device: torch.device) -> None:
@@ -81,25 +68,15 @@ class StepRunner:
         self.times.append(time.perf_counter() - t0)
 
     def flops_per_step(self) -> float:
-        """FLOPs of one forward + backward. Attention runs the explicit-matmul path while counting:
-        the counter does not know every fused attention kernel (e.g. SDPA's CPU flash kernel)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from mmmae.layers import Attention
-        attn = [m for m in self.model.modules() if isinstance(m, Attention)]
-        saved = [m.attn_impl for m in attn]
-        for m in attn:
-            m.attn_impl = "math"
-        counter = FlopCounterMode(display=False)
-        with counter:
+        """FLOPs of one forward + backward."""
+        def step() -> None:
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
                 loss = self.loss_of(self.model, self.batch)
             loss.backward()
+        flops = count_flops(step, self.model)
         self.opt.zero_grad(set_to_none=True)
-        for m, impl in zip(attn, saved):
-            m.attn_impl = impl
-        return float(counter.get_total_flops())
+        return flops
 
 
 def _ours(cfg: Any, batch_size: int, device: torch.device, seed: int) -> tuple[torch.nn.Module, Callable[[], dict], int]:
@@ -158,6 +135,24 @@ def _hf(cfg: Any, ours_batch: Callable[[], dict], device: torch.device, seed: in
     return model, make_batch, loss_of
 
 
+def _device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and whether it has native bf16 (AMX / AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    native = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    return f"{model} ({'native bf16: ' + ', '.join(native) if native else 'no native bf16'})"
+
+
 def bench_steps(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from mmmae.config import load_config
 
@@ -166,12 +161,14 @@ def bench_steps(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch or cfg.data.batch_size
     model, make_batch, tokens_per_sample = _ours(cfg, batch_size, device, args.seed)
+    # Like with like: both implementations step the same optimizer (fused AdamW unless --adamw plain).
+    fused = args.adamw == "fused"
     runners = [StepRunner("mmmae", model, make_batch, lambda m, b: m(b)["loss"], args.precision, device,
-                          fused_adamw=True)]
+                          fused_adamw=fused)]
     if args.vs_hf:
         hf_model, hf_batch, hf_loss = _hf(cfg, make_batch, device, args.seed)
         runners.append(StepRunner("hf", hf_model, hf_batch, hf_loss, args.precision, device,
-                                  fused_adamw=args.hf_fused_adamw))
+                                  fused_adamw=fused))
     # One FLOP count for every implementation: ours, counted by torch's FlopCounterMode (the same
     # architecture; counting Hugging Face's own graph would miss its attention on CPU, whose fused
     # kernel the counter does not know), so TFLOP/s compare like with like.
@@ -184,15 +181,19 @@ def bench_steps(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
         for r in runners:
             r.timed_step()
     peak = matmul_peak_tflops(torch.bfloat16 if args.precision == "bf16" else torch.float32, device)
+    spec = spec_peak_tflops(device)
     report: dict[str, Any] = {"config": args.config, "overrides": overrides, "batch": batch_size,
-                              "precision": args.precision, "device": str(device), "threads": torch.get_num_threads(),
-                              "matmul_peak_tflops": peak, "results": {}}
+                              "precision": args.precision, "device": str(device), "device_name": _device_name(device),
+                              "threads": torch.get_num_threads(), "adamw": args.adamw,
+                              "matmul_peak_tflops": peak, "spec_peak_tflops": spec[0] if spec else None,
+                              "results": {}}
     for r in runners:
         t = statistics.median(r.times)
         tflops = flops / t / 1e12
         report["results"][r.name] = {
             "step_s_median": t, "samples_per_s": batch_size / t, "tokens_per_s": batch_size * tokens_per_sample / t,
             "tflops": tflops, "peak_share": tflops / peak, "gflop_per_step": flops / 1e9,
+            "mfu_vs_spec": tflops / spec[0] if spec else None,
             "first_loss": r.losses[0], "last_loss": r.losses[-1],
         }
     if args.vs_hf:
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="training config to time (path or packaged name)")
     p.add_argument("--data", help="config whose data loader to time")
     p.add_argument("--vs-hf", action="store_true", help="time the Hugging Face counterpart in the same run")
-    p.add_argument("--hf-fused-adamw", action="store_true", help="give Hugging Face the fused AdamW kernel too")
+    p.add_argument("--adamw", default="fused", choices=["fused", "plain"],
+                   help="the optimizer both implementations step (the same on both sides)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--batch", type=int, default=0, help="batch size (default: data.batch_size)")
     p.add_argument("--steps", type=int, default=10)

@@ -28,6 +28,7 @@ from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_di
                                      resume_candidates, save_checkpoint, save_safetensors)
 from mmmae.engine.metrics import MetricsLogger
 from mmmae.engine.optim import lr_at, param_groups
+from mmmae.engine.perf import count_flops, device_peak_tflops
 from mmmae.engine.visualize import panel_for, save_png
 from mmmae.registry import build_from_cfg, get_spec
 
@@ -173,6 +174,22 @@ def _tokens_in(batch: dict[str, Any], out: dict[str, Any], fallback: int) -> int
     if torch.is_tensor(batch.get("text")):
         n += batch["text"].numel()
     return n
+
+
+DATA_WAIT_WARN = 0.2  # share of step time waiting for the loader past which the run warns (once)
+
+
+def timed_batches(loader: Any, wait: dict[str, float]) -> Iterator[Any]:
+    """The loader's batches; the time spent waiting for each is added to ``wait["s"]``."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        wait["s"] += time.perf_counter() - t0
+        yield batch
 
 
 def build_mixup(cfg: DictConfig, mcfg: Any) -> Any:
@@ -326,6 +343,14 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     acc_n: dict[str, int] = {}
     window_samples = window_tokens = 0
     window_start = time.perf_counter()
+    window_steps = 0
+    data_wait = {"s": 0.0}  # seconds this window spent waiting for the loader
+    step_flops: float | None = None  # model FLOPs of one optimizer step on this rank (counted once)
+    peak_tflops, peak_source = device_peak_tflops(device, precision)
+    if D.is_main():
+        log.info("mfu in metrics.jsonl is relative to %.1f TFLOP/s (%s)", peak_tflops, peak_source)
+    wait_warned = False
+    windows_logged = 0
     consecutive_bad = 0
     micro = 0
     last_batch: dict[str, Any] | None = None
@@ -357,7 +382,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
             dataset.set_epoch(epoch)
         collate.set_epoch(epoch)
         loader_gen.manual_seed(mix_seed(seed, epoch, "workers"))
-        for batch in loader:
+        for batch in timed_batches(loader, data_wait):
             epoch_batches += 1
             for k, v in batch.items():
                 if k.startswith("skipped_") and isinstance(v, int):
@@ -367,6 +392,10 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                 batch = apply_mixup(mixup, batch)
             if micro % cfg.train.accum_steps == 0:
                 lr = set_lr(step)
+            if step_flops is None:
+                # Forward FLOPs of this micro-batch, once; a training step is ~3x (backward ~2x forward).
+                with torch.no_grad():
+                    step_flops = 3.0 * cfg.train.accum_steps * count_flops(lambda: engine(batch), engine.module)
             out = engine(batch)
             loss = out["loss"]
             finite = D.all_reduce_sum(0.0 if torch.isfinite(loss).all() else 1.0) == 0.0
@@ -397,6 +426,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
             if micro % cfg.train.accum_steps != 0:
                 continue
             step += 1
+            window_steps += 1
             gn = engine.get_global_grad_norm()
             gn = gn if gn is not None else own_norm
             grad_norm = float(gn) if gn is not None else float("nan")
@@ -404,18 +434,29 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                 bar.update(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
+                wait_share = D.all_reduce_sum(data_wait["s"] / elapsed) / world
+                step_time = elapsed / max(window_steps, 1)
                 means = D.all_reduce_weighted_mean(acc, acc_n)
                 samples = D.all_reduce_sum(window_samples)
                 tokens = D.all_reduce_sum(window_tokens)
                 skipped_all = D.all_reduce_counts(skipped)
                 last_record = {"step": step, "epoch": epoch + epoch_batches / batches_per_epoch, **means,
                                "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
-                               "tokens_per_s": tokens / elapsed, **skipped_all,
+                               "tokens_per_s": tokens / elapsed, "step_time_s": step_time,
+                               "data_wait_share": wait_share,
+                               "mfu": (step_flops or 0.0) / step_time / (peak_tflops * 1e12), **skipped_all,
                                "nonfinite_steps": nonfinite_total}
                 metrics.log(last_record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", sps=f"{samples / elapsed:.1f}")
+                windows_logged += 1
+                if wait_share > DATA_WAIT_WARN and windows_logged > 1 and not wait_warned and D.is_main():
+                    wait_warned = True  # the first window pays worker start-up, so it is not judged
+                    log.warning("%.0f%% of step time is spent waiting for data (data_wait_share %.2f): raise "
+                                "data.num_workers, use repeated sampling (data.num_samples), or re-encode the "
+                                "videos for fast seeking (tools/prepare_videos.py)", 100 * wait_share, wait_share)
                 acc, acc_n, window_samples, window_tokens = {}, {}, 0, 0
+                window_steps, data_wait["s"] = 0, 0.0
                 window_start = time.perf_counter()
             if cfg.train.vis_every and step % cfg.train.vis_every == 0 and D.is_main():
                 _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
