@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmmae-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# FFmpeg 5.1 runtime libraries on Debian 12 (torchcodec links all seven).
+FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 libavdevice59
 # Without a GPU, DeepSpeed runs on the CPU accelerator with gloo; one thread per process on 2 processes.
 CPU_ENV := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1")
 DEMO_PROCS ?= 2
@@ -22,6 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "note: install Debian's dataset-fashion-mnist for the Fashion-MNIST tests and demo"; fi; \
+	fi
+	@# torchcodec (the default video backend) loads FFmpeg's shared libraries at run time: Debian 12's runtime packages.
+	@if ! ldconfig -p 2>/dev/null | grep -q 'libavdevice\.so\.'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FFMPEG_LIBS); \
+	  else echo "note: install FFmpeg 4-9's shared libraries ($(FFMPEG_LIBS)) for the torchcodec backend"; fi; \
 	fi
 	touch $(STAMP)
 

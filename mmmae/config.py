@@ -43,7 +43,8 @@ class DataCfg:
     image_root: str = ""  # second stream for joint image+video methods (OmniMAE, BEVT)
     image_dataset: str = ""
     image_ratio: float = 0.5  # share of steps that draw the image stream in joint training
-    backend: str = "decord"  # video decoding: decord or pyav
+    backend: str = "auto"  # video decoding: auto (torchcodec > decord > pyav, the first usable) | torchcodec | decord | pyav
+    decode_device: str = "cpu"  # cpu | cuda (GPU decoding, torchcodec only; needs data.num_workers=0)
     num_frames: int = 16
     sampling_rate: int = 4
     num_samples: int = 1  # repeated sampling: views per decoded video

@@ -46,7 +46,7 @@ from mmmae.video.transforms import (
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"  # ../shared/data from the repo root
 CLASSES = VIDEOS / "kinetics400_classes.txt"
-BACKENDS = ("decord", "pyav")
+BACKENDS = ("decord", "pyav", "torchcodec")
 
 pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason="shared/data/videos not found")
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from mmmae.data.quality import ReadFailures
 
-from .decoding import VideoDecodeError, open_video
+from .decoding import VideoDecodeError, check_decode_device, open_video, resolve_backend
 from .sampling import SHORT_MODES, ClipSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, Normalize, ShortSideResize, SpatialCrops, crop_clip
 
@@ -279,8 +279,12 @@ class VideoClipDataset(Dataset):
         sampling_rate: stride between sampled frames; used when ``sampler`` is not given.
         transform: ``transform(clip, generator)`` on a uint8 (T, H, W, 3) clip, returning float
             (3, T, H, W); default: ImageNet normalisation only.
-        backend: decoding backend, ``"decord"`` or ``"pyav"``.
-        num_samples: clips per video per call.
+        backend: decoding backend, ``"auto"`` (torchcodec, else decord, else PyAV), ``"torchcodec"``,
+            ``"decord"`` or ``"pyav"``.
+        decode_device: ``"cpu"``, or ``"cuda"`` to decode on the GPU (torchcodec); the clip's frames
+            come back to the CPU for the augmentation, so decoding runs in the loading process
+            (``num_workers=0``) or in spawned workers, never in forked ones.
+        num_samples: clips per video per call; their frames are decoded together, once.
         short_clip: ``"loop"`` or ``"pad"`` for videos shorter than a clip (the ``fit`` rule only).
         sampler: which frames make up a clip; default: VideoMAE's pretraining rule for
             ``num_frames`` x ``sampling_rate``.
@@ -298,7 +302,7 @@ class VideoClipDataset(Dataset):
         num_frames: int = 16,
         sampling_rate: int = 4,
         transform: ClipTransform | None = None,
-        backend: str = "decord",
+        backend: str = "auto",
         num_samples: int = 1,
         short_clip: str = "loop",
         max_bad_fraction: float = 0.1,
@@ -308,6 +312,7 @@ class VideoClipDataset(Dataset):
         num_threads: int = 1,
         sampler: ClipSampler | None = None,
         repeat_mode: str = "shared_window",
+        decode_device: str = "cpu",
     ) -> None:
         if not items:
             raise ValueError("VideoClipDataset needs at least one item")
@@ -323,7 +328,9 @@ class VideoClipDataset(Dataset):
         self.sampling_rate = self.sampler.sampling_rate
         self.repeat_mode = repeat_mode
         self.transform: ClipTransform = transform if transform is not None else Normalize()
-        self.backend = backend
+        self.backend = resolve_backend(backend)
+        check_decode_device(decode_device, self.backend)
+        self.decode_device = decode_device
         self.num_samples = num_samples
         self.short_clip = short_clip
         self.seed = seed
@@ -377,14 +384,18 @@ class VideoClipDataset(Dataset):
         )
 
     def _load(self, path: str, label: int, index: int, generator: torch.Generator) -> list[dict[str, Any]]:
-        """Decode the union of all samples' frames once, then cut and augment each sample."""
-        with open_video(path, self.backend, num_threads=self.num_threads) as reader:
+        """Decode the union of all samples' frames once, then cut and augment each sample.
+
+        One ``read`` of the sorted union: each backend then seeks at most once per keyframe gap
+        and decodes every frame once, where K separate reads would decode shared GOPs K times.
+        """
+        with open_video(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
             n = reader.num_frames
             draws = 1 if self.repeat_mode == "shared_window" else self.num_samples
             clips = [self.sampler.train(n, generator) for _ in range(draws)]
             clips = clips * (self.num_samples // draws)
             union = sorted({i for clip in clips for i in clip})
-            frames = reader.read(union)  # (U, H, W, 3) uint8
+            frames = reader.read(union).cpu()  # (U, H, W, 3) uint8; the augmentations run on the CPU
         where = {f: k for k, f in enumerate(union)}
         samples = []
         for clip in clips:
@@ -424,13 +435,14 @@ class VideoTestDataset(Dataset):
         num_crops: int = 3,
         crop_size: int = 224,
         short_side: int | None = None,
-        backend: str = "decord",
+        backend: str = "auto",
         short_clip: str = "loop",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         num_threads: int = 1,
         sampler: ClipSampler | None = None,
         antialias: bool = False,
+        decode_device: str = "cpu",
     ) -> None:
         short_side = crop_size if short_side is None else short_side
         if short_side < crop_size:
@@ -446,7 +458,9 @@ class VideoTestDataset(Dataset):
         self.num_clips = num_clips
         self.num_crops = num_crops
         self.crop_size = crop_size
-        self.backend = backend
+        self.backend = resolve_backend(backend)
+        check_decode_device(decode_device, self.backend)
+        self.decode_device = decode_device
         self.short_clip = short_clip
         self.num_threads = num_threads
         self.resize = ShortSideResize(short_side, antialias=antialias)
@@ -460,10 +474,10 @@ class VideoTestDataset(Dataset):
         path, label = self.items[index]
         out: dict[str, Any] = {"video": None, "label": label, "index": index, "path": path, "ok": False, "error": None}
         try:
-            with open_video(path, self.backend, num_threads=self.num_threads) as reader:
+            with open_video(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
                 clips = self.sampler.test(reader.num_frames, self.num_clips)
                 union = sorted({i for clip in clips for i in clip})
-                frames = reader.read(union)  # (U, H, W, 3) uint8
+                frames = reader.read(union).cpu()  # (U, H, W, 3) uint8
         except VideoDecodeError as e:
             logger.warning("cannot evaluate %s (item %d): %s", path, index, e.reason)
             out["error"] = e.reason

@@ -117,9 +117,14 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
     repeat_mode = _one_of(d.repeat_mode, REPEAT_MODES, "data.repeat_mode")
     items = video_items(cfg, split, kind)
     size = model_cfg.img_size
+    if d.decode_device != "cpu" and d.num_workers > 0:
+        # CUDA cannot be re-initialised in the forked DataLoader workers the trainer starts.
+        raise ValueError(f"data.decode_device={d.decode_device!r} decodes in the loading process: "
+                         f"set data.num_workers=0 (got {d.num_workers})")
     if split != "train":
         ds = VideoTestDataset(items, d.num_frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
-                              backend=d.backend, short_clip=d.short_clip, sampler=sampler)
+                              backend=d.backend, short_clip=d.short_clip, sampler=sampler,
+                              decode_device=d.decode_device)
         ds.collate_fn = collate_test  # type: ignore[attr-defined]
         return ds
     if finetune:
@@ -129,7 +134,8 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
         transform = pretrain_transform(size)  # VideoMAE: multi-scale crop, no flip
     return VideoClipDataset(items, d.num_frames, d.sampling_rate, transform, backend=d.backend,
                             num_samples=d.num_samples, short_clip=d.short_clip, sampler=sampler,
-                            repeat_mode=repeat_mode, max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed)
+                            repeat_mode=repeat_mode, max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed,
+                            decode_device=d.decode_device)
 
 
 for _kind in ("video_list", "video_folder", "ssv2"):
