@@ -25,17 +25,16 @@ from mmmae.decoder import TEST_DECODER, MAEDecoder
 from mmmae.encoder import VisionEncoder
 from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.layers.patch_embed import patch_linear
-from mmmae.layers.patchify import patchify_video, unpatchify_video
 from mmmae.layers.pos_embed import pos_table
 from mmmae.masking import (beit_block_mask, block_mask, check_mask, cyclic_tube_mask, gather_tokens, mask_to_indices,
                            num_masked_floor, random_mask, running_cell_mask, tube_mask)
 from mmmae.registry import MaskFn, register_model
-from mmmae.targets import (HOG_VARIANTS, IMAGENET_MEAN, IMAGENET_STD, HOGTarget, image_pixel_target, masked_mse,
-                           video_pixel_target)
+from mmmae.targets import HOG_VARIANTS, HOGTarget, image_pixel_target, masked_mse, video_pixel_target
+from mmmae.visualize import image_views, video_views
 
 __all__ = [
     "VideoMAECfg", "VideoMAE", "OmniMAECfg", "OmniMAE", "BEVTSpatialCfg", "BEVTSpatial", "BEVTCfg", "BEVT",
-    "decoder_keep_mask", "video_panel",
+    "decoder_keep_mask", "video_panel", "views_panel",
 ]
 
 
@@ -65,44 +64,29 @@ def _grid3(cfg: EncoderCfg) -> tuple[int, int, int]:
     return cfg.num_frames // cfg.tubelet_size, g, g
 
 
-def _denorm_video(v: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=v.device)[None, :, None, None, None]
-    std = torch.tensor(IMAGENET_STD, device=v.device)[None, :, None, None, None]
-    return v.float() * std + mean
+def views_panel(views: dict[str, torch.Tensor], tubelet_size: int, max_rows: int = 2,
+                max_frames: int = 4) -> torch.Tensor:
+    """Video views (B, 3, T, H, W) as one picture: for each of up to ``max_rows`` samples three strips
+    (original | masked input | reconstruction with the visible patches pasted back) of up to
+    ``max_frames`` frames (the first frame of evenly spaced tubelets) -> (3, rows*3*H, frames*W)."""
+    n = min(max_rows, views["original"].shape[0])
+    num_tubelets = views["original"].shape[2] // tubelet_size
+    frames = sorted({int(i) * tubelet_size for i in torch.linspace(0, num_tubelets - 1, min(max_frames, num_tubelets))})
+    rows = [torch.cat([views[k][i, :, f] for f in frames], dim=-1)
+            for i in range(n) for k in ("original", "masked", "pasted")]
+    return torch.cat(rows, dim=-2)
 
 
 def video_panel(video: torch.Tensor, pred: torch.Tensor, shown: torch.Tensor, patch_size: int, tubelet_size: int,
-                norm_pix: bool, max_rows: int = 2, max_frames: int = 4) -> torch.Tensor:
-    """A picture of a video reconstruction, in [0, 1]: for each of up to ``max_rows`` samples three
-    strips (original | masked input | reconstruction with the visible patches pasted back) of up to
-    ``max_frames`` frames (the first frame of evenly spaced tubelets).
-
-    video (B, 3, T, H, W) normalised; pred (B, L, pt*p*p*3) in the VideoMAE target layout; shown (B, L)
-    bool marks the tokens whose prediction is drawn (the hidden ones). With the per-channel
-    normalised target, predictions are mapped back with the original tubelet's statistics.
-    -> (3, rows*3*H, frames*W).
-    """
+                norm_pix: bool, max_rows: int = 2, max_frames: int = 4, *,
+                eps_inside_sqrt: bool = False) -> torch.Tensor:
+    """A picture of a video reconstruction, in [0, 1] (:func:`views_panel` of
+    :func:`mmmae.visualize.video_views`). video (B, 3, T, H, W) normalised; pred (B, L, pt*p*p*3) in
+    the VideoMAE target layout; shown (B, L) bool marks the tokens whose prediction is drawn."""
     n = min(max_rows, video.shape[0])
-    v = _denorm_video(video[:n].detach().cpu()).clamp(0, 1)
-    pred = pred[:n].detach().float().cpu()
-    shown = shown[:n].cpu()
-    b, c, t, h, w = v.shape
-    grid = (t // tubelet_size, h // patch_size, w // patch_size)
-    if norm_pix:
-        tgt = patchify_video(v, patch_size, tubelet_size, split_channels=True)  # (B, L, P, C)
-        mean, std = tgt.mean(dim=-2, keepdim=True), tgt.var(dim=-2, keepdim=True).sqrt() + 1e-6
-        pred = (rearrange(pred, "b l (p c) -> b l p c", c=c) * std + mean).flatten(2)
-    rec = unpatchify_video(pred, patch_size, tubelet_size, grid, c).clamp(0, 1)
-    pix = unpatchify_video(shown[..., None].float().expand(-1, -1, pred.shape[-1]), patch_size, tubelet_size,
-                           grid, c)
-    masked = v * (1 - pix) + 0.1 * pix  # hidden patches show dark
-    pasted = v * (1 - pix) + rec * pix
-    frames = sorted({int(i) * tubelet_size for i in torch.linspace(0, grid[0] - 1, min(max_frames, grid[0]))})
-    rows = []
-    for i in range(n):
-        for strip in (v, masked, pasted):
-            rows.append(torch.cat([strip[i, :, f] for f in frames], dim=-1))
-    return torch.cat(rows, dim=-2)
+    views = video_views(video[:n], pred[:n], shown[:n], patch_size, tubelet_size, norm_pix,
+                        eps_inside_sqrt=eps_inside_sqrt)
+    return views_panel(views, tubelet_size, max_rows, max_frames)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,14 +228,19 @@ class VideoMAE(EncoderModel):
         loss = F.mse_loss(pred.float(), gather_tokens(target, ids_dec).float())
         return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask, "decoded": decoded}
 
-    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor]:
+        """The four views (``mmmae.visualize.VIEWS``) of ``forward``'s output, each (B, 3, T, H, W)."""
         pred, shown = out["pred"], out.get("decoded", out["mask"])
         if pred.shape[1] != shown.shape[1]:  # decoder masking: scatter the decoded tokens back
             full = pred.new_zeros(pred.shape[0], shown.shape[1], pred.shape[-1])
             full[shown] = pred.reshape(-1, pred.shape[-1])
             pred = full
-        return video_panel(batch["video"], pred, shown, self.cfg.patch_size, self.cfg.tubelet_size,
+        return video_views(batch["video"], pred, shown, self.cfg.patch_size, self.cfg.tubelet_size,
                            self.cfg.norm_pix_loss)
+
+    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
 
 def _videomae_mask_fn(cfg: VideoMAECfg) -> MaskFn:
@@ -378,9 +367,20 @@ class OmniMAE(EncoderModel):
         loss = masked_mse(pred, target, mask)
         return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask}
 
+    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor]:
+        """The four views of ``forward``'s output: (B, 3, T, H, W) for a video batch; for an image batch
+        (B, 3, H, W), drawn from the static clip the image entered as (its first frame)."""
+        if "video" in batch:
+            clip = batch["video"]
+        else:
+            clip = batch["image"].unsqueeze(2).expand(-1, -1, self.cfg.tubelet_size, -1, -1)
+        views = video_views(clip, out["pred"], out["mask"], self.cfg.patch_size, self.cfg.tubelet_size,
+                            self.cfg.norm_pix_loss, eps_inside_sqrt=True)  # omnivision MAELoss's epsilon
+        return views if "video" in batch else {k: v[:, :, 0] for k, v in views.items()}
+
     def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return video_panel(batch["video"], out["pred"], out["mask"], self.cfg.patch_size, self.cfg.tubelet_size,
-                           self.cfg.norm_pix_loss)
+        return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
 
 def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
@@ -653,6 +653,25 @@ class BEVT(EncoderModel):
             out.update(image_loss=iloss.detach(), image_pred=ipred.detach(), image_mask=imask)
         assert loss is not None
         return {"loss": loss, **out}
+
+    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor]:
+        """The four views of ``forward``'s output, video (B, 3, T, H, W) when the batch has one, else
+        image (B, 3, H, W). BEVT's targets are per frame (``_FrameTarget``), so each frame is drawn as
+        an image with the mask of its tubelet."""
+        p, norm_pix = self.cfg.patch_size, self.cfg.norm_pix_loss
+        if "video" not in batch:
+            return image_views(batch["image"], out["image_pred"], out["image_mask"], p, norm_pix)
+        video, u = batch["video"], self.cfg.tubelet_size
+        t = video.shape[2] // u
+        frames = rearrange(video, "b c t h w -> (b t) c h w")
+        pred = rearrange(out["pred"], "b (t l) (u p) -> (b t u) l p", t=t, u=u)
+        mask = rearrange(out["mask"], "b (t l) -> b t l", t=t).repeat_interleave(u, dim=1).flatten(0, 1)
+        views = image_views(frames, pred, mask, p, norm_pix)
+        return {k: rearrange(v, "(b t) c h w -> b c t h w", b=video.shape[0]) for k, v in views.items()}
+
+    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
     @torch.no_grad()
     def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

@@ -1,47 +1,38 @@
-"""Pictures of reconstructions: original | masked input | reconstruction (| reconstruction + visible)."""
+"""Pictures of reconstructions: original | masked input | reconstruction (| reconstruction + visible).
+
+The four views come from :mod:`mmmae.visualize` (shared with ``tools/visualize.py`` and the method
+packages); this module lays them out and saves them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
-from mmmae.layers.patchify import patchify, unpatchify
 from mmmae.targets import IMAGENET_MEAN, IMAGENET_STD
+from mmmae.visualize import VIEWS, image_views
 
 
-def _denorm(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    return (x.float().cpu() * std + mean).clamp(0, 1)
+def views_row(views: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+    """Sample ``index`` of image views (B, 3, H, W) side by side, in ``VIEWS`` order -> (3, H, 4*W)."""
+    return torch.cat([views[k][index] for k in VIEWS], dim=-1)
 
 
 def reconstruction_panel(image: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                         norm_pix: bool, max_rows: int = 4) -> torch.Tensor:
+                         norm_pix: bool, max_rows: int = 4, *, mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """One row per sample: original | masked | reconstruction | reconstruction with visible patches
     pasted back. image (B, 3, H, W) normalised, pred (B, L, p*p*3), mask (B, L) -> (3, rows*H, 4*W) in [0, 1].
 
     With a per-patch normalised target the prediction is mapped back with the original patch's mean
-    and variance (as MAE's visualisation does), so the picture shows pixels.
+    and variance (:func:`mmmae.visualize.image_views`), so the picture shows pixels.
     """
     n = min(max_rows, image.shape[0])
-    img = image[:n].float().cpu()
-    pred = pred[:n].float().cpu()
-    m = mask[:n].cpu()
-    h, w = img.shape[-2:]
-    grid = (h // patch_size, w // patch_size)
-    if norm_pix:
-        tgt = patchify(img, patch_size)
-        mean, var = tgt.mean(-1, keepdim=True), tgt.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    rec = unpatchify(pred, patch_size, grid)
-    pix_mask = unpatchify(m[..., None].float().expand(-1, -1, patch_size**2 * 3), patch_size, grid)
-    masked = img * (1 - pix_mask) + (-3.0) * pix_mask  # hidden patches show dark
-    pasted = img * (1 - pix_mask) + rec * pix_mask
-    rows = [torch.cat([_denorm(a) for a in (img[i], masked[i], rec[i], pasted[i])], dim=-1) for i in range(n)]
-    return torch.cat(rows, dim=-2)
+    views = image_views(image[:n], pred[:n], mask[:n], patch_size, norm_pix, mean=mean, std=std)
+    return torch.cat([views_row(views, i) for i in range(n)], dim=-2)
 
 
 def save_png(panel_chw: torch.Tensor, path: str | Path, min_side: int = 256) -> None:
@@ -53,6 +44,29 @@ def save_png(panel_chw: torch.Tensor, path: str | Path, min_side: int = 256) -> 
     arr = (panel_chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+
+
+def reconstruction_views(model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                         ) -> dict[str, torch.Tensor] | None:
+    """The four views (``mmmae.visualize.VIEWS``) of a pixel method's forward output: images
+    (B, 3, H, W), videos (B, 3, T, H, W), in [0, 1]; None where the output is not pixels (HOG or
+    token targets, classifiers). ``mean``/``std``: the image normalisation of ``batch["image"]``.
+
+    Methods whose prediction is not MAE's image patch layout (tubelets, BEVT's frames) draw their own
+    views (``model.reconstruction_views``); the rest are MAE-layout image predictions."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or getattr(cfg, "target", "pixel") != "pixel":
+        return None
+    if hasattr(model, "reconstruction_views"):
+        return model.reconstruction_views(batch, out)
+    if "image" not in batch or "pred" not in out or "mask" not in out:
+        return None
+    p, pred = cfg.patch_size, out["pred"]
+    if pred.shape[1] != out["mask"].shape[1] or pred.shape[-1] != p * p * batch["image"].shape[1]:
+        return None
+    return image_views(batch["image"], pred, out["mask"], p, bool(getattr(cfg, "norm_pix_loss", False)),
+                       mean=mean, std=std)
 
 
 def panel_for(model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
