@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import VIDEOS, run_tool
 
@@ -30,5 +31,12 @@ def test_loader_benchmark_covers_both_backends_and_repeated_sampling(tmp_path: P
     run_tool("benchmark.py", ["--data", "video_mae_tiny.yaml", f"data.root={VIDEOS}",
                               f"data.class_list={VIDEOS / 'kinetics400_classes.txt'}", "--batches", "2",
                               "--json", str(out)])
-    rows = json.loads(out.read_text())["results"]
-    assert {(r["backend"], r["num_samples"]) for r in rows} == {("decord", 1), ("decord", 4), ("pyav", 1), ("pyav", 4)}
+    report = json.loads(out.read_text())
+    backends = ["decord", "pyav", "torchcodec-cpu"] + (["torchcodec-cuda"] if torch.cuda.is_available() else [])
+    rows = report["results"]
+    assert {(r["backend"], r["num_samples"]) for r in rows} == {(b, k) for b in backends for k in (1, 4)}
+    assert all(r["source"] == "original" and r["clips_timed"] > 0 and r["clips_per_s"] > 0 for r in rows)
+    once = report["decode_once"]
+    assert {(r["backend"], r["repeat_mode"]) for r in once} == {
+        (b, m) for b in backends for m in ("shared_window", "independent")}
+    assert all(r["videos"] == 3 for r in once)  # the tiny list's readable clips (corrupted.mp4 left out)

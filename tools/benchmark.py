@@ -6,9 +6,13 @@ Training steps:  python tools/benchmark.py --config image_mae.yaml [--vs-hf] [--
   matmul peak measured on the spot at the same precision. ``--vs-hf`` also builds the Hugging Face
   transformers counterpart (ViTMAEForPreTraining / VideoMAEForPreTraining) at the same sizes, batch,
   mask ratio and precision, times both alternately in the same run and prints the ratio.
-Data loading:    python tools/benchmark.py --data video_mae_tiny.yaml [key=value ...]
-  Decoded clips/s of the configured loader, per worker and in total, for data.num_samples 1 and 4,
-  with decord and PyAV.
+Data loading:    python tools/benchmark.py --data video_mae_tiny.yaml [--reencoded DIR] [key=value ...]
+  Clips/s of the configured training loader, in total and per worker, for data.num_samples 1 and 4,
+  with every usable backend: decord, PyAV, torchcodec on CPU and, with a GPU, torchcodec decoding on
+  CUDA (in the loading process); for the original videos and, with ``--reencoded`` (an output folder
+  of tools/prepare_videos.py), the re-encoded ones. ``decode_once`` compares, per video, one read of
+  the union of 4 clips' frames (what the dataset does) with 4 separate decodes, for shared and
+  independent windows.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -201,35 +206,110 @@ def bench_steps(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
     return report
 
 
-def bench_data(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+def _data_backends() -> list[tuple[str, str]]:
+    """(backend, decode device) pairs usable here: decord, PyAV, torchcodec on CPU, and on CUDA with a GPU."""
+    from mmmae.video.decoding import available_backends
+
+    usable = available_backends()
+    pairs = [(b, "cpu") for b in ("decord", "pyav", "torchcodec") if b in usable]
+    if "torchcodec" in usable and torch.cuda.is_available():
+        pairs.append(("torchcodec", "cuda"))
+    return pairs
+
+
+def _time_loader(dataset: Any, cfg: Any, batches: int) -> tuple[float, int]:
+    """Clips/s of a DataLoader over ``dataset`` after its first batch (worker start-up), cycling epochs
+    until ``batches`` batches are timed. Returns (clips/s, clips timed)."""
     from torch.utils.data import DataLoader
 
-    from mmmae.config import load_config, model_cfg
     from mmmae.data.collate import collate_dicts
+
+    workers = cfg.data.num_workers
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, num_workers=workers,
+                        collate_fn=collate_dicts, generator=torch.Generator().manual_seed(0),
+                        persistent_workers=workers > 0)
+    seen, clips, t0 = 0, 0, 0.0
+    while seen <= batches:
+        for batch in loader:
+            if seen == 0:
+                t0 = time.perf_counter()
+            else:
+                clips += batch["video"].shape[0]
+            seen += 1
+            if seen > batches:
+                break
+    dt = time.perf_counter() - t0
+    return (clips / dt if dt > 0 and clips else float("nan")), clips
+
+
+def _time_decode_once(items: list[tuple[str, int]], sampler: Any, backend: str, device: str, k: int,
+                      repeat_mode: str) -> dict[str, Any]:
+    """Per readable video: K clips' frames read in one call on one reader (what VideoClipDataset does)
+    against K readers each reading one clip (K independent decodes). Times summed over the videos."""
+    from mmmae.video.datasets import mix_seed
+    from mmmae.video.decoding import VideoDecodeError, open_video
+
+    once = independent = 0.0
+    videos = 0
+    for n, (path, _) in enumerate(items):
+        try:
+            with open_video(path, backend, device=device) as reader:
+                frames = reader.num_frames
+            g = torch.Generator().manual_seed(mix_seed(0, n))
+            draws = k if repeat_mode == "independent" else 1
+            clips = [sampler.train(frames, g) for _ in range(draws)] * (k // draws)
+            union = sorted({i for c in clips for i in c})
+            t0 = time.perf_counter()
+            with open_video(path, backend, device=device) as reader:
+                reader.read(union)
+            _sync(torch.device(device))
+            t1 = time.perf_counter()
+            for clip in clips:
+                with open_video(path, backend, device=device) as reader:
+                    reader.read(clip)
+            _sync(torch.device(device))
+            t2 = time.perf_counter()
+        except VideoDecodeError:
+            continue  # unreadable videos are skipped by the dataset too
+        once += t1 - t0
+        independent += t2 - t1
+        videos += 1
+    return {"repeat_mode": repeat_mode, "num_samples": k, "videos": videos, "union_read_s": once,
+            "independent_reads_s": independent, "speedup": independent / once if once > 0 else float("nan")}
+
+
+def bench_data(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    from mmmae.config import load_config, model_cfg
     from mmmae.data.registry import build_dataset
 
-    results = []
-    for backend in ("decord", "pyav"):
-        for num_samples in (1, 4):
-            cfg = load_config(args.data, [*overrides, f"data.backend={backend}", f"data.num_samples={num_samples}"])
-            ds = build_dataset(cfg, "train", model_cfg(cfg.model))
-            workers = cfg.data.num_workers
-            loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=True, num_workers=workers,
-                                collate_fn=collate_dicts, generator=torch.Generator().manual_seed(0))
-            clips, t0 = 0, None
-            for i, batch in enumerate(loader):
-                if i == 1 or (t0 is None and len(loader) == 1):
-                    t0 = time.perf_counter()  # first batch pays worker start-up
-                if t0 is not None and i >= 1:
-                    clips += batch["video"].shape[0]
-                if i >= args.batches:
-                    break
-            dt = time.perf_counter() - (t0 or time.perf_counter())
-            total = clips / dt if dt > 0 and clips else float("nan")
-            results.append({"backend": backend, "num_samples": num_samples, "workers": workers,
-                            "clips_per_s": total, "clips_per_s_per_worker": total / max(workers, 1),
-                            "videos_decoded_per_s": total / num_samples})
-    return {"config": args.data, "overrides": overrides, "results": results}
+    sources: list[tuple[str, list[str]]] = [("original", [])]
+    if args.reencoded:
+        # A tools/prepare_videos.py output folder: its list (paths relative to it) replaces data.train_list.
+        with open(os.path.join(args.reencoded, "prepare_report.json"), encoding="utf-8") as f:
+            listed = json.load(f)["list"]
+        sources.append(("reencoded", [f"data.root={os.path.abspath(args.reencoded)}",
+                                      f"data.train_list={os.path.join(os.path.abspath(args.reencoded), listed)}"]))
+    loaders, decode_once = [], []
+    for source, extra in sources:
+        for backend, device in _data_backends():
+            label = backend if backend != "torchcodec" else f"torchcodec-{device}"
+            # GPU decoding runs in the loading process (CUDA does not survive forked workers).
+            gpu = ["data.num_workers=0"] if device == "cuda" else []
+            for num_samples in (1, 4):
+                cfg = load_config(args.data, [*overrides, *extra, *gpu, f"data.backend={backend}",
+                                              f"data.decode_device={device}", f"data.num_samples={num_samples}"])
+                ds = build_dataset(cfg, "train", model_cfg(cfg.model))
+                rate, clips = _time_loader(ds, cfg, args.batches)
+                workers = cfg.data.num_workers
+                loaders.append({"source": source, "backend": label, "num_samples": num_samples, "workers": workers,
+                                "clips_timed": clips, "clips_per_s": rate,
+                                "clips_per_s_per_worker": rate / max(workers, 1),
+                                "videos_decoded_per_s": rate / num_samples})
+            for repeat_mode in ("shared_window", "independent"):
+                row = _time_decode_once(ds.items, ds.sampler, backend, device, 4, repeat_mode)
+                decode_once.append({"source": source, "backend": label, **row})
+    return {"config": args.data, "overrides": overrides, "cpu_threads": torch.get_num_threads(),
+            "results": loaders, "decode_once": decode_once}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batches", type=int, default=8, help="loader batches to time with --data")
+    p.add_argument("--reencoded", default="", help="with --data: a tools/prepare_videos.py output folder to time too")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
