@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import VIDEOS, run_tool
+from conftest import ROOT, VIDEOS, run_tool
 from mmmae.video.datasets import read_annotation_list, read_class_list
 from mmmae.video.decoding import open_video
 
@@ -125,3 +125,23 @@ def test_bad_arguments_name_the_value(tmp_path: Path) -> None:
     res = run_tool("prepare_videos.py", ["--input", str(VIDEOS), "--out", str(tmp_path), "--short-side", "321"],
                    check=False)
     assert res.returncode != 0 and "--short-side=321: must be an even number" in res.stderr
+
+
+def test_shards_are_a_training_source_with_the_files_frames(prepared: Path) -> None:
+    from mmmae.config import load_config, model_cfg
+    from mmmae.data.registry import build_dataset
+    from mmmae.video.shards import ShardIndex
+
+    def dataset(overrides: list[str]) -> object:
+        cfg = load_config(ROOT / "configs" / "video_mae_tiny.yaml", [f"data.root={prepared}", *overrides])
+        return build_dataset(cfg, "train", model_cfg(cfg.model))
+
+    shards = dataset(["data.dataset=video_shards", f"data.train_list={prepared / 'shards.txt'}"])
+    files = dataset([f"data.train_list={prepared / 'videos.txt'}", "data.class_list="])
+    assert [p.rsplit("/", 1)[1] for p, _ in shards.items] == [f"{k:09d}.mp4" for k in range(5)]
+    assert shards.items[0][0].startswith(str(prepared / "shards" / "videos-000000.tar") + "/")
+    assert [y for _, y in shards.items] == [y for _, y in files.items] == [-1] * 5
+    for i in range(5):  # same seed, same clips: the shard member decodes to the file's frames
+        assert all(torch.equal(a["video"], b["video"]) for a, b in zip(shards[i], files[i]))
+    with pytest.raises(FileNotFoundError, match="missing.tar"):
+        ShardIndex([str(prepared / "missing.tar")])

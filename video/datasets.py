@@ -16,14 +16,14 @@ import json
 import logging
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from mmmae.data.quality import ReadFailures
 
-from .decoding import VideoDecodeError, check_decode_device, open_video, resolve_backend
+from .decoding import VideoDecodeError, VideoReader, check_decode_device, open_video, resolve_backend
 from .sampling import SHORT_MODES, ClipSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, Normalize, ShortSideResize, SpatialCrops, crop_clip
 
@@ -285,6 +285,8 @@ class VideoClipDataset(Dataset):
             come back to the CPU for the augmentation, so decoding runs in the loading process
             (``num_workers=0``) or in spawned workers, never in forked ones.
         num_samples: clips per video per call; their frames are decoded together, once.
+        opener: ``open_video``'s stand-in for items that are not files on disk (e.g.
+            ``ShardIndex.open`` for videos in tar shards); the same arguments.
         short_clip: ``"loop"`` or ``"pad"`` for videos shorter than a clip (the ``fit`` rule only).
         sampler: which frames make up a clip; default: VideoMAE's pretraining rule for
             ``num_frames`` x ``sampling_rate``.
@@ -313,6 +315,7 @@ class VideoClipDataset(Dataset):
         sampler: ClipSampler | None = None,
         repeat_mode: str = "shared_window",
         decode_device: str = "cpu",
+        opener: Callable[..., VideoReader] | None = None,
     ) -> None:
         if not items:
             raise ValueError("VideoClipDataset needs at least one item")
@@ -331,6 +334,7 @@ class VideoClipDataset(Dataset):
         self.backend = resolve_backend(backend)
         check_decode_device(decode_device, self.backend)
         self.decode_device = decode_device
+        self.opener: Callable[..., VideoReader] = opener or open_video
         self.num_samples = num_samples
         self.short_clip = short_clip
         self.seed = seed
@@ -389,7 +393,7 @@ class VideoClipDataset(Dataset):
         One ``read`` of the sorted union: each backend then seeks at most once per keyframe gap
         and decodes every frame once, where K separate reads would decode shared GOPs K times.
         """
-        with open_video(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
+        with self.opener(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
             n = reader.num_frames
             draws = 1 if self.repeat_mode == "shared_window" else self.num_samples
             clips = [self.sampler.train(n, generator) for _ in range(draws)]
@@ -443,6 +447,7 @@ class VideoTestDataset(Dataset):
         sampler: ClipSampler | None = None,
         antialias: bool = False,
         decode_device: str = "cpu",
+        opener: Callable[..., VideoReader] | None = None,
     ) -> None:
         short_side = crop_size if short_side is None else short_side
         if short_side < crop_size:
@@ -461,6 +466,7 @@ class VideoTestDataset(Dataset):
         self.backend = resolve_backend(backend)
         check_decode_device(decode_device, self.backend)
         self.decode_device = decode_device
+        self.opener: Callable[..., VideoReader] = opener or open_video
         self.short_clip = short_clip
         self.num_threads = num_threads
         self.resize = ShortSideResize(short_side, antialias=antialias)
@@ -474,7 +480,7 @@ class VideoTestDataset(Dataset):
         path, label = self.items[index]
         out: dict[str, Any] = {"video": None, "label": label, "index": index, "path": path, "ok": False, "error": None}
         try:
-            with open_video(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
+            with self.opener(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
                 clips = self.sampler.test(reader.num_frames, self.num_clips)
                 union = sorted({i for clip in clips for i in clip})
                 frames = reader.read(union).cpu()  # (U, H, W, 3) uint8

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import io
 import logging
 import math
 import os
@@ -111,11 +112,18 @@ class VideoReader(abc.ABC):
 
     backend: str = ""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, data: bytes | None = None) -> None:
         self.path = path
+        # The file's bytes when it does not lie on disk by itself (a member of a tar shard); the
+        # path then only names it (errors, the container kind from its extension).
+        self._data = data
         # Set by each backend when it opens the file.
         self._num_frames = 0
         self._fps = 0.0
+
+    def _source(self) -> str | io.BytesIO:
+        """What the decoding library opens: the path, or a fresh in-memory file over the bytes."""
+        return self.path if self._data is None else io.BytesIO(self._data)
 
     @property
     def num_frames(self) -> int:
@@ -175,8 +183,8 @@ class DecordReader(VideoReader):
 
     backend = "decord"
 
-    def __init__(self, path: str, num_threads: int = 1) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, num_threads: int = 1, data: bytes | None = None) -> None:
+        super().__init__(path, data)
         self._num_threads = num_threads
         self._reader: Any = None
         try:
@@ -198,7 +206,7 @@ class DecordReader(VideoReader):
     def _open(self) -> Any:
         import decord  # imported here: decord has no wheels on some platforms, PyAV may be used alone
 
-        return decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=self._num_threads)
+        return decord.VideoReader(self._source(), ctx=decord.cpu(0), num_threads=self._num_threads)
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         idx = _check_indices(self.path, indices, self._num_frames)
@@ -259,15 +267,15 @@ class PyAVReader(VideoReader):
 
     backend = "pyav"
 
-    def __init__(self, path: str, num_threads: int = 1) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, num_threads: int = 1, data: bytes | None = None) -> None:
+        super().__init__(path, data)
         import av
 
         self._av = av
         self._num_threads = num_threads
         self._container: Any = None
         try:
-            self._container = av.open(path)
+            self._container = av.open(self._source())
             self._build_index()
         except VideoDecodeError:
             self.close()
@@ -432,7 +440,7 @@ class PyAVReader(VideoReader):
         # seek to 0 does not guarantee for every container.
         if self._container is not None:
             self._container.close()
-        self._container = self._av.open(self.path)
+        self._container = self._av.open(self._source())
         self._video_stream(self._container)
 
     def close(self) -> None:
@@ -452,16 +460,16 @@ class TorchCodecReader(VideoReader):
 
     backend = "torchcodec"
 
-    def __init__(self, path: str, num_threads: int = 1, device: str = "cpu") -> None:
-        super().__init__(path)
+    def __init__(self, path: str, num_threads: int = 1, device: str = "cpu", data: bytes | None = None) -> None:
+        super().__init__(path, data)
         from torchcodec.decoders import VideoDecoder  # imported here: torchcodec is optional
 
         self._num_threads = num_threads
         self._device = device
         self._sequential = os.path.splitext(path)[1].lower() not in _PTS_EXTENSIONS
         try:
-            self._decoder: Any = VideoDecoder(path, dimension_order="NHWC", seek_mode="exact",
-                                              num_ffmpeg_threads=num_threads, device=device)
+            self._decoder: Any = VideoDecoder(path if data is None else data, dimension_order="NHWC",
+                                              seek_mode="exact", num_ffmpeg_threads=num_threads, device=device)
             meta = self._decoder.metadata
         except Exception as e:  # torchcodec raises RuntimeError / ValueError from its C++ core
             raise VideoDecodeError(path, _short(e)) from e
@@ -505,7 +513,7 @@ class TorchCodecReader(VideoReader):
         colour-convert only the wanted ones. Returns (U, H, W, 3) for ``wanted`` (ascending)."""
         from torchcodec.decoders import ColorConverter, Demuxer
 
-        demuxer = Demuxer(self.path)
+        demuxer = Demuxer(self.path if self._data is None else self._data)
         video = next((s for s in demuxer.streams if type(s).__name__ == "VideoStream"), None)
         if video is None:
             raise VideoDecodeError(self.path, "no video stream")
@@ -613,7 +621,8 @@ def check_decode_device(device: str, backend: str) -> None:
             raise ValueError(f"decode device {device!r} asked for, but torch sees no CUDA device")
 
 
-def open_video(path: str, backend: str = "auto", *, num_threads: int = 1, device: str = "cpu") -> VideoReader:
+def open_video(path: str, backend: str = "auto", *, num_threads: int = 1, device: str = "cpu",
+               data: bytes | None = None) -> VideoReader:
     """Open a video for random frame access.
 
     Args:
@@ -623,6 +632,8 @@ def open_video(path: str, backend: str = "auto", *, num_threads: int = 1, device
             0 lets FFmpeg choose (all cores), for a single reader.
         device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` for GPU decoding (torchcodec only; the
             frames come back on that device).
+        data: the file's bytes, read from memory instead of ``path`` (a tar shard's member); ``path``
+            still names the video in errors and its extension the container kind.
     Raises:
         ValueError: unknown backend or device, or a CUDA device for a CPU-only backend.
         VideoDecodeError: the file is missing, not a video, or its header/index is unreadable.
@@ -630,9 +641,12 @@ def open_video(path: str, backend: str = "auto", *, num_threads: int = 1, device
     name = resolve_backend(backend)
     check_decode_device(device, name)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if data is not None:
+        if not data:
+            raise VideoDecodeError(path, "empty file")
+    elif not os.path.isfile(path):
         # Checked here so every backend gives the same, plain reason (decord would say "Error reading").
         raise VideoDecodeError(path, "no such file")
     if name == "torchcodec":
-        return TorchCodecReader(path, num_threads=num_threads, device=str(device))
-    return BACKENDS[name](path, num_threads=num_threads)
+        return TorchCodecReader(path, num_threads=num_threads, device=str(device), data=data)
+    return BACKENDS[name](path, num_threads=num_threads, data=data)

@@ -1,4 +1,6 @@
-"""Video data sources for ``data.dataset``: ``video_list``, ``video_folder``, ``ssv2`` (clips), ``omni``
+"""Video data sources for ``data.dataset``: ``video_list``, ``video_folder``, ``ssv2``, ``video_shards`` (clips from
+tar shards: ``data.train_list`` / ``data.val_list`` name a shard list or one ``.tar``, relative to ``data.root``,
+default the list's folder; see mmmae.video.shards), ``omni``
 (image and video batches mixed, OmniMAE) and ``video_image`` (a clip and an image per item, BEVT).
 
 Keys used: ``data.root`` (videos; prefix of list paths), ``data.train_list`` / ``data.val_list``,
@@ -31,6 +33,7 @@ from mmmae.data.sampler import MixedBatchSampler
 from .datasets import (REPEAT_MODES, Item, VideoClipDataset, VideoTestDataset, collate_test, list_video_folder,
                        mix_seed, read_annotation_list, read_ssv2_annotations)
 from .sampling import CLIP_RULES, SAMPLINGS, SHORT_MODES, ClipSampler
+from .shards import ShardIndex, read_shard_list
 from .transforms import finetune_transform, pretrain_transform
 
 __all__ = ["video_items", "clip_sampler", "build_video_source", "OmniDataset", "VideoImageDataset", "GroupedImages"]
@@ -115,7 +118,14 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
     finetune = hasattr(model_cfg, "num_classes")
     sampler = clip_sampler(cfg, kind, "finetune" if finetune else "pretrain")
     repeat_mode = _one_of(d.repeat_mode, REPEAT_MODES, "data.repeat_mode")
-    items = video_items(cfg, split, kind)
+    opener = None
+    if kind == "video_shards":
+        # data.train_list / data.val_list: a shard list (tools/prepare_videos.py's shards.txt) or one .tar.
+        list_key, list_path = ("data.train_list", d.train_list) if split == "train" else ("data.val_list", d.val_list)
+        index = ShardIndex(read_shard_list(_need_file(list_path, list_key), d.root))
+        items, opener = (index.items[: d.limit] if d.limit else index.items), index.open
+    else:
+        items = video_items(cfg, split, kind)
     size = model_cfg.img_size
     if d.decode_device != "cpu" and d.num_workers > 0:
         # CUDA cannot be re-initialised in the forked DataLoader workers the trainer starts.
@@ -124,7 +134,7 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
     if split != "train":
         ds = VideoTestDataset(items, d.num_frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
                               backend=d.backend, short_clip=d.short_clip, sampler=sampler,
-                              decode_device=d.decode_device)
+                              decode_device=d.decode_device, opener=opener)
         ds.collate_fn = collate_test  # type: ignore[attr-defined]
         return ds
     if finetune:
@@ -135,10 +145,10 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
     return VideoClipDataset(items, d.num_frames, d.sampling_rate, transform, backend=d.backend,
                             num_samples=d.num_samples, short_clip=d.short_clip, sampler=sampler,
                             repeat_mode=repeat_mode, max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed,
-                            decode_device=d.decode_device)
+                            decode_device=d.decode_device, opener=opener)
 
 
-for _kind in ("video_list", "video_folder", "ssv2"):
+for _kind in ("video_list", "video_folder", "ssv2", "video_shards"):
     register_dataset(_kind)(lambda cfg, split, model_cfg, _k=_kind: build_video_source(cfg, split, model_cfg, _k))
 
 
