@@ -117,7 +117,9 @@ class LoopCfg:
 class TrainCfg:
     output_dir: str = "runs/default"
     resume: str = ""  # "" (fresh), "auto" (latest complete checkpoint in output_dir) or a path
-    init_from: str = ""  # weights to start from (a model.safetensors or checkpoint), e.g. for fine-tuning
+    init_from: str = ""  # weights to start from, any layout mmmae.weights reads (run, DeepSpeed, official, timm, HF)
+    init_strict: bool = True  # false: load what fits init_from and report the rest (missing / unexpected keys)
+    init_part: str = "auto"  # auto (classifiers: the encoder; pretraining models: all), all, or encoder
     model: dict = field(default_factory=lambda: {"name": "mae"})
     data: DataCfg = field(default_factory=DataCfg)
     text: TextCfg = field(default_factory=TextCfg)
@@ -243,12 +245,14 @@ def dump_config(cfg: DictConfig, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def global_batch_size(cfg: DictConfig, world_size: int) -> int:
-    """Samples per optimizer step: items per batch x repeated views x accumulation x processes."""
-    return cfg.data.batch_size * max(cfg.data.num_samples, 1) * cfg.train.accum_steps * world_size
+def global_batch_size(cfg: DictConfig, world_size: int, accum_steps: int | None = None) -> int:
+    """Samples per optimizer step: items per batch x repeated views x accumulation x processes
+    (``accum_steps`` replaces ``train.accum_steps`` when a resume on another world size adjusts it)."""
+    accum = cfg.train.accum_steps if accum_steps is None else accum_steps
+    return cfg.data.batch_size * max(cfg.data.num_samples, 1) * accum * world_size
 
 
-def effective_lr(cfg: DictConfig, world_size: int) -> float:
+def effective_lr(cfg: DictConfig, world_size: int, accum_steps: int | None = None) -> float:
     """MAE's linear scaling rule: lr = blr x batch / 256 (unless an absolute lr is given).
 
     The batch counts loader items x accumulation x processes, as the references do (MAE and MAE-ST
@@ -257,7 +261,7 @@ def effective_lr(cfg: DictConfig, world_size: int) -> float:
     counts the repeated views too."""
     if cfg.optim.lr > 0:
         return float(cfg.optim.lr)
-    batch = global_batch_size(cfg, world_size)
+    batch = global_batch_size(cfg, world_size, accum_steps)
     if not cfg.optim.lr_counts_repeats:
         batch //= max(cfg.data.num_samples, 1)
     return float(cfg.optim.blr) * batch / 256

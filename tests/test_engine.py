@@ -158,6 +158,45 @@ def test_a_dead_rank_ends_the_job_and_resume_completes(tmp_path: Path, fashion_m
 
 
 @pytest.mark.slow
+def test_resume_on_another_number_of_processes_matches_the_uninterrupted_run(tmp_path: Path,
+                                                                            fashion_mnist: Path) -> None:
+    """ZeRO-0, global batch 8: 2 processes -> 1 (accumulation becomes 2) and 1 process with
+    accumulation 2 -> 2 processes (accumulation becomes 1) continue the uninterrupted 2-process run:
+    same lr, losses to float noise (per-sample masks and augmentation, a global data order)."""
+    common = [*TINY, "data.batch_size=4", "train.precision=fp32", "train.max_steps=8", "train.log_every=1",
+              "train.ckpt_every=100", "data.num_workers=0"]
+    ref = tmp_path / "ref"
+    run_tool("train.py", [*common, f"output_dir={ref}"], procs=2)
+    down, up = tmp_path / "down", tmp_path / "up"
+    run_tool("train.py", [*common, f"output_dir={down}", "train.stop_at_step=4"], procs=2)
+    run_tool("train.py", [*common, f"output_dir={down}", "resume=auto"])  # one process
+    run_tool("train.py", [*common, f"output_dir={up}", "train.accum_steps=2", "train.stop_at_step=4"])
+    run_tool("train.py", [*common, f"output_dir={up}", "train.accum_steps=2", "resume=auto"], procs=2)
+    want = {r["step"]: r for r in _metrics(ref)}
+    for run in (down, up):
+        got = {r["step"]: r for r in _metrics(run)}
+        for s in (5, 6, 7, 8):
+            assert got[s]["lr"] == pytest.approx(want[s]["lr"], rel=1e-9), (run.name, s)
+            assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-4), (run.name, s)
+
+
+def test_resume_world_change_rules() -> None:
+    """The global batch is kept by adjusting accumulation; partitioned optimizer state or a batch the
+    new world cannot make are errors that say why."""
+    from mmmae.config import load_config
+    from mmmae.engine.trainer import resume_accum_steps
+
+    cfg = load_config(None, ["data.batch_size=4"])
+    saved = {"world_size": 2, "global_batch": 16, "zero_stage": 0}
+    assert resume_accum_steps(saved, cfg, 2) == 1  # same world: the config's accumulation
+    assert resume_accum_steps(saved, cfg, 1) == 4 and resume_accum_steps(saved, cfg, 4) == 1
+    with pytest.raises(ValueError, match="cannot make that batch"):
+        resume_accum_steps(saved, cfg, 3)
+    with pytest.raises(ValueError, match="under ZeRO-2; its optimizer state is split"):
+        resume_accum_steps({**saved, "zero_stage": 2}, cfg, 1)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, accum, precision", [(2, 1, "bf16_weights"), (3, 2, "bf16")])
 def test_deepspeed_two_processes(tmp_path: Path, stage: int, accum: int, precision: str, fashion_mnist: Path) -> None:
     run = tmp_path / f"zero{stage}"

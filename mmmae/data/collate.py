@@ -42,9 +42,11 @@ def collate_dicts(samples: Sequence[Any]) -> dict[str, Any]:
 
 
 class MaskCollator:
-    """Collate, then add the method's masks drawn from a generator seeded by (seed, epoch, sample
-    indices): reproducible for a given data order, so a resumed run sees the same masks, and safe in
-    DataLoader worker processes (no shared generator state)."""
+    """Collate, then add the method's masks. Each sample's mask comes from a generator seeded by
+    (seed, epoch, sample index, view): it does not depend on which batch, rank or worker the sample
+    lands in, so a run resumed on another number of processes, or with another batch size, hides the
+    same tokens; and no generator state is shared between DataLoader workers. Batches without sample
+    indices get one batch-level draw."""
 
     def __init__(self, mask_fn: MaskFn | None, seed: int = 0,
                  collate: Callable[[Sequence[Any]], dict[str, Any]] = collate_dicts) -> None:
@@ -58,12 +60,22 @@ class MaskCollator:
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
         batch = self.collate(samples)
-        if self.mask_fn is not None:
-            index = batch.get("index")
-            key = index.tolist() if torch.is_tensor(index) else None
-            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, key))
-            modality = next((k for k in ("video", "image", "text") if k in batch), "image")
-            size = len(batch[modality]) if modality in batch else len(next(
-                v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0))
+        if self.mask_fn is None:
+            return batch
+        modality = next((k for k in ("video", "image", "text") if k in batch), "image")
+        size = len(batch[modality]) if modality in batch else len(next(
+            v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0))
+        index = batch.get("index")
+        if not (torch.is_tensor(index) and index.ndim == 1 and len(index) == size):
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, None))
             batch.update(self.mask_fn(size, g, modality=modality))
+            return batch
+        views: dict[int, int] = {}  # repeated views of one item get masks of their own
+        parts = []
+        for i in index.tolist():
+            v = views.get(i, 0)
+            views[i] = v + 1
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i, v))
+            parts.append(self.mask_fn(1, g, modality=modality))
+        batch.update({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
         return batch

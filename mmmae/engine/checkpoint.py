@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
+TRAIN_STATE = "train_state.json"
 # Fault drills: seconds to wait between writing a checkpoint's files and publishing it, which opens a
 # window in which a kill leaves a written but unpublished (".tmp") checkpoint.
 PUBLISH_DELAY_ENV = "MMMAE_CKPT_PUBLISH_DELAY_S"
@@ -54,6 +55,18 @@ def resume_candidates(resume: str, output_dir: str | Path) -> list[Path]:
         return complete_checkpoints(output_dir)[::-1]
     found = resolve_resume(resume, output_dir)
     return [found] if found is not None else []
+
+
+def read_train_state(path: Path) -> dict[str, Any] | None:
+    """The loop state a checkpoint was written with (step, epoch, world size, global batch), or None
+    for a checkpoint without it."""
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -109,6 +122,9 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, client_state
     D.barrier()
     final = root / name
     if D.is_main():
+        # The loop's position, readable before the engine exists (a resume on another world size
+        # needs it to set up accumulation).
+        _write_atomic(root / tmp_tag / TRAIN_STATE, json.dumps(client_state, default=str))
         _write_atomic(root / tmp_tag / MARKER, json.dumps({"step": step}))
         if final.exists():
             shutil.rmtree(final)

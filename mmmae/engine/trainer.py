@@ -25,7 +25,7 @@ from mmmae.data.registry import build_dataset
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
 from mmmae.engine import dist as D
 from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_first_readable,
-                                     resume_candidates, save_checkpoint, save_safetensors)
+                                     read_train_state, resume_candidates, save_checkpoint, save_safetensors)
 from mmmae.engine.metrics import MetricsLogger
 from mmmae.engine.optim import lr_at, param_groups
 from mmmae.engine.perf import count_flops, device_peak_tflops
@@ -58,16 +58,43 @@ def micro_batch_size(cfg: DictConfig) -> int:
     return cfg.data.batch_size * max(cfg.data.num_samples, 1)
 
 
-def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[str, Any]:
+def zero_stage(cfg: DictConfig) -> int:
+    zero = cfg.ds.get("zero_optimization") or {}
+    return int(zero.get("stage", 0) or 0)
+
+
+def resume_accum_steps(saved: dict[str, Any] | None, cfg: DictConfig, world_size: int, where: str = "") -> int:
+    """Gradient accumulation for this run. A resume on another number of processes keeps the
+    checkpoint's global batch (items per optimizer step), so accumulation adjusts; when the new world
+    cannot reach that batch, or the optimizer state is partitioned (ZeRO 1-3), the error says why."""
+    accum = cfg.train.accum_steps
+    if saved is None or int(saved.get("world_size", world_size)) == world_size:
+        return accum
+    old_world, stage = int(saved["world_size"]), int(saved.get("zero_stage", 0))
+    if stage > 0:
+        raise ValueError(f"checkpoint {where} was written by {old_world} processes under ZeRO-{stage}; its optimizer "
+                         f"state is split over those ranks, so it resumes on {old_world} processes only (a ZeRO-0 "
+                         f"checkpoint resumes on any number); this run has {world_size}")
+    target, per_step = int(saved["global_batch"]), cfg.data.batch_size * world_size
+    if target % per_step:
+        raise ValueError(f"checkpoint {where} trains with {target} items per optimizer step; {world_size} processes x "
+                         f"data.batch_size={cfg.data.batch_size} cannot make that batch with whole accumulation "
+                         f"steps; choose a data.batch_size that divides {target // world_size if target % world_size == 0 else target}")
+    return target // per_step
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int, precision: str,
+                     accum_steps: int | None = None) -> dict[str, Any]:
     """The YAML's ``ds`` block plus the fields derived from the training config. A derived field set
     by hand in ``ds`` must agree with the derived value."""
     user = OmegaConf.to_container(cfg.ds, resolve=True)
     assert isinstance(user, dict)
     micro = micro_batch_size(cfg)
+    accum = cfg.train.accum_steps if accum_steps is None else accum_steps
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.train.accum_steps,
-        "train_batch_size": micro * cfg.train.accum_steps * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
         "gradient_clipping": float(cfg.optim.clip_grad),
         # bf16: fp32 weights, bf16 compute under autocast (as the reference recipes' AMP), linear-layer
         # gradients communicated in bf16; bf16_weights: DeepSpeed's bf16 mode (bf16 weights and
@@ -107,44 +134,40 @@ def pretrain_grid(mcfg: Any, path: Path) -> tuple[tuple[int, ...] | None, str]:
     if mcfg.init_img_size > 0:
         size, patch, frames, tubelet, where = (mcfg.init_img_size, mcfg.patch_size, mcfg.num_frames,
                                                mcfg.tubelet_size, "model.init_img_size")
-    elif (path.parent / "config.yaml").is_file():
+    elif (run_cfg := (path if path.is_dir() else path.parent) / "config.yaml").is_file():
         try:
-            pre = model_cfg(OmegaConf.load(path.parent / "config.yaml").model)
+            pre = model_cfg(OmegaConf.load(run_cfg).model)
         except ConfigError as e:
-            raise ConfigError(f"cannot read the pretraining grid from {path.parent / 'config.yaml'} ({e}); "
+            raise ConfigError(f"cannot read the pretraining grid from {run_cfg} ({e}); "
                               f"set model.init_img_size to the image size the weights were trained at") from None
         size, patch, frames, tubelet, where = (pre.img_size, pre.patch_size, pre.num_frames, pre.tubelet_size,
-                                               str(path.parent / "config.yaml"))
+                                               str(run_cfg))
     else:
         return None, "none given: the model's own grid"
     spatial = (size // patch, size // patch)
     return ((frames // tubelet, *spatial) if frames else spatial), where
 
 
-def load_init_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
-    """``init_from``: weights from a pretraining run (``model.safetensors`` or a checkpoint file).
+def load_init_weights(model: torch.nn.Module, path: str, *, strict: bool = True, part: str = "auto") -> dict[str, Any]:
+    """``init_from``: weights in any layout :mod:`mmmae.weights` reads (a run's ``model.safetensors``
+    or folder, a DeepSpeed checkpoint, an official / timm / Hugging Face checkpoint), loaded strictly
+    by default (``init_strict``), ``part`` as ``init_part`` (``auto``: a classifier or retrieval model
+    takes the encoder and starts its heads fresh; a pretraining model takes everything).
 
-    A model with ``load_pretrained`` (e.g. BEVT's inflation) decides itself; a classifier takes the
-    encoder part, its learned position table resized from the pretraining grid (``pos_embed`` in the
-    report says from which grid to which, and where the grid was read); anything else loads
-    non-strictly. Missing and unexpected keys are returned.
+    A learned position table (an image classifier) is resized from the pretraining grid: the report's
+    ``pos_embed`` says from which grid to which, and where the grid was read. Returns the
+    JSON-ready :class:`mmmae.weights.LoadReport` (``missing``, ``unexpected``, what was converted...).
     """
-    from mmmae.convert import load_checkpoint_file
-    from mmmae.heads import Classifier, load_encoder_state
+    from mmmae.weights import PARTS, load
 
-    state = load_checkpoint_file(path)
-    report: dict[str, Any] = {}
-    if hasattr(model, "load_pretrained"):
-        missing, unexpected = model.load_pretrained(state)
-    elif isinstance(model, Classifier):
-        grid, where = pretrain_grid(model.cfg, Path(path)) if model.learned_pos else (None, "not used")
-        res = load_encoder_state(model, state, source_grid=grid)
-        missing, unexpected = res.missing, res.unexpected
-        report["pos_embed"] = {**res.pos_embed, "grid_from": where}
-    else:
-        res = model.load_state_dict(state, strict=False)
-        missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
-    return {"missing": list(missing), "unexpected": list(unexpected), **report}
+    if part not in PARTS:
+        raise ConfigError(f"init_part must be one of {', '.join(PARTS)}, got {part!r}")
+    learned = bool(getattr(model, "learned_pos", False))
+    grid, where = pretrain_grid(model.cfg, Path(path)) if learned else (None, "not used")
+    report = load(model, path, part=part, strict=strict, source_grid=grid).to_dict()
+    if learned:
+        report["pos_embed"] = {**report["pos_embed"], "grid_from": where}
+    return report
 
 
 def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -274,7 +297,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     model = build_from_cfg(name, mcfg)
     init_report = None
     if cfg.init_from:
-        init_report = load_init_weights(model, cfg.init_from)
+        init_report = load_init_weights(model, cfg.init_from, strict=cfg.init_strict, part=cfg.init_part)
         if D.is_main():
             log.info("init_from %s: missing %s, unexpected %s, position table %s", cfg.init_from,
                      init_report["missing"], init_report["unexpected"], init_report.get("pos_embed", "-"))
@@ -284,6 +307,17 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     # Dropout / drop-path draws differ between ranks (their samples differ too).
     torch.manual_seed(mix_seed(seed, rank, "train"))
 
+    # Resuming on another number of processes keeps the global batch: accumulation adjusts.
+    candidates = resume_candidates(cfg.resume, out_dir) if cfg.resume else []
+    saved = read_train_state(candidates[0]) if candidates else None
+    accum = resume_accum_steps(saved, cfg, world, str(candidates[0]) if candidates else "")
+    elastic = saved is not None and int(saved.get("world_size", world)) != world
+    if elastic and hasattr(dataset, "make_batch_sampler"):
+        raise ValueError(f"checkpoint {candidates[0]} was written by {saved['world_size']} processes; this data "
+                         f"source's batch sampler keeps a position per rank, so it resumes on that many only")
+    if elastic and D.is_main():
+        log.info("resuming a checkpoint of %d processes on %d: %d accumulation steps keep its %d items per step",
+                 saved["world_size"], world, accum, saved["global_batch"])
     # A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards.
     if hasattr(dataset, "make_batch_sampler"):
         batch_sampler = dataset.make_batch_sampler(cfg.data.batch_size, world, rank, seed)
@@ -296,20 +330,20 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                         generator=loader_gen, pin_memory=device.type == "cuda", persistent_workers=False)
     batch_sampler.set_epoch(0)
     batches_per_epoch = len(batch_sampler)
-    if batches_per_epoch < cfg.train.accum_steps:
+    if batches_per_epoch < accum:
         raise ValueError(f"the dataset gives {batches_per_epoch} batches of {cfg.data.batch_size} per process, "
-                         f"fewer than train.accum_steps={cfg.train.accum_steps}; lower data.batch_size")
-    steps_per_epoch = batches_per_epoch // cfg.train.accum_steps
+                         f"fewer than {accum} accumulation steps; lower data.batch_size")
+    steps_per_epoch = batches_per_epoch // accum
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else int(cfg.optim.warmup_epochs * steps_per_epoch)
-    base_lr = effective_lr(cfg, world)
+    base_lr = effective_lr(cfg, world, accum)
 
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     for g in groups:
         g.pop("names")
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   fused=bool(cfg.optim.fused))
-    ds_config = deepspeed_config(cfg, world, precision)
+    ds_config = deepspeed_config(cfg, world, precision, accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if world == 1 and engine.zero_optimization_stage() == 0:
         # Nothing to average over one process; DeepSpeed would still flatten and copy every gradient
@@ -322,10 +356,12 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     nonfinite_total = 0
     # Unreadable inputs the datasets skipped, by batch counter (skipped_videos, skipped_images).
     skipped: dict[str, int] = {}
-    loaded = load_first_readable(engine, resume_candidates(cfg.resume, out_dir)) if cfg.resume else None
+    loaded = load_first_readable(engine, candidates) if candidates else None
     if loaded is not None:
         resume_from, state = loaded
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        if "epoch_samples" in state:  # the sampler's position is global: re-cut it for this world size
+            epoch_batches = int(state["epoch_samples"]) // (cfg.data.batch_size * world)
         nonfinite_total = state.get("nonfinite_total", 0)
         skipped.update(state.get("skipped", {}))
         if D.is_main():
@@ -368,6 +404,8 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
 
     def checkpoint_now() -> Path:
         client = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches,
+                  "epoch_samples": epoch_batches * cfg.data.batch_size * world, "world_size": world,
+                  "global_batch": cfg.data.batch_size * accum * world, "zero_stage": engine.zero_optimization_stage(),
                   "nonfinite_total": nonfinite_total, "skipped": dict(skipped)}
         return save_checkpoint(engine, out_dir, step, client, cfg.train.keep_last)
 
@@ -390,12 +428,12 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
             batch = _batch_to(batch, device)
             if mixup is not None:
                 batch = apply_mixup(mixup, batch)
-            if micro % cfg.train.accum_steps == 0:
+            if micro % accum == 0:
                 lr = set_lr(step)
             if step_flops is None:
                 # Forward FLOPs of this micro-batch, once; a training step is ~3x (backward ~2x forward).
                 with torch.no_grad():
-                    step_flops = 3.0 * cfg.train.accum_steps * count_flops(lambda: engine(batch), engine.module)
+                    step_flops = 3.0 * accum * count_flops(lambda: engine(batch), engine.module)
             out = engine(batch)
             loss = out["loss"]
             finite = D.all_reduce_sum(0.0 if torch.isfinite(loss).all() else 1.0) == 0.0
@@ -412,7 +450,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
             consecutive_bad = 0
             engine.backward(loss)
             own_norm = None
-            if measure_own_norm and (micro + 1) % cfg.train.accum_steps == 0:
+            if measure_own_norm and (micro + 1) % accum == 0:
                 own_norm = _grad_norm(engine.module)  # grads are reduced and complete at the boundary
             engine.step()
             micro += 1
@@ -423,7 +461,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
             window_samples += _batch_len(batch)
             window_tokens += _tokens_in(batch, out, tokens_fallback)
             last_batch, last_out = batch, out
-            if micro % cfg.train.accum_steps != 0:
+            if micro % accum != 0:
                 continue
             step += 1
             window_steps += 1
