@@ -35,13 +35,18 @@ def reconstruction_panel(image: torch.Tensor, pred: torch.Tensor, mask: torch.Te
     return torch.cat([views_row(views, i) for i in range(n)], dim=-2)
 
 
-def save_png(panel_chw: torch.Tensor, path: str | Path, min_side: int = 256) -> None:
-    """Save a (3, H, W) picture in [0, 1]; small pictures (tiny test models) are enlarged with
-    nearest-neighbour so patches stay crisp."""
+def to_uint8(panel_chw: torch.Tensor, min_side: int = 256) -> torch.Tensor:
+    """A (3, H, W) picture in [0, 1] -> (H', W', 3) uint8; small pictures (tiny test models) are
+    enlarged up to 8x with nearest-neighbour so patches stay crisp."""
     scale = min(8, max(1, min_side // max(min(panel_chw.shape[1:]), 1)))
     if scale > 1:
         panel_chw = panel_chw.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    arr = (panel_chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return (panel_chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def save_png(panel_chw: torch.Tensor, path: str | Path, min_side: int = 256) -> None:
+    """Save a (3, H, W) picture in [0, 1] (enlarged as :func:`to_uint8`)."""
+    arr = to_uint8(panel_chw, min_side).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
 
