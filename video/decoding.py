@@ -511,10 +511,10 @@ class TorchCodecReader(VideoReader):
     def _read_forward(self, wanted: list[int]) -> torch.Tensor:
         """Decode from the first packet, counting frames in output (presentation) order, and
         colour-convert only the wanted ones. Returns (U, H, W, 3) for ``wanted`` (ascending)."""
-        from torchcodec.decoders import ColorConverter, Demuxer
+        from torchcodec.decoders import ColorConverter, Demuxer, VideoStream
 
         demuxer = Demuxer(self.path if self._data is None else self._data)
-        video = next((s for s in demuxer.streams if type(s).__name__ == "VideoStream"), None)
+        video = next((s for s in demuxer.streams if isinstance(s, VideoStream)), None)
         if video is None:
             raise VideoDecodeError(self.path, "no video stream")
         decoder = video.make_decoder(self._device, num_ffmpeg_threads=self._num_threads)
