@@ -11,7 +11,6 @@ from torch import nn
 
 from mmmae.encoder import VisionEncoder
 from mmmae.layers.fixed import release_fixed_buffer
-from mmmae.layers.pos_embed import interpolate_pos_table, pos_table
 from mmmae.registry import register_model
 
 
@@ -149,6 +148,9 @@ class Classifier(EncoderModel):
     video classifiers follow VideoMAE's, the fixed sin-cos table of their own grid.
     """
 
+    # init_from takes a pretraining encoder; fc_norm and the head start fresh (mmmae.weights part="auto").
+    init_part = "encoder"
+
     def __init__(self, cfg: ClassifierCfg) -> None:
         super().__init__()
         self.cfg = cfg
@@ -227,43 +229,6 @@ def vision_encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.
     return out
 
 
-def _stored_table_grid(rows: int, model_grid: tuple[int, ...], given: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The grid of a checkpoint's table with ``rows`` patch rows: ``given`` when it fits, else square
-    (MAE's interpolate_pos_embed) per time slice of the model's T (VideoMAE's run_class_finetuning.py)."""
-    if given is not None:
-        n = 1
-        for g in given:
-            n *= g
-        if n != rows:
-            raise ValueError(f"the checkpoint's position table has {rows} rows, not the {n} of the pretraining "
-                             f"grid {given}; set model.init_img_size to the size it was trained at")
-        return tuple(given)
-    slices = model_grid[0] if len(model_grid) == 3 else 1
-    side = int(round((rows / slices) ** 0.5))
-    if side * side * slices != rows:
-        raise ValueError(f"cannot read a square grid from the checkpoint's {rows}-row position table "
-                         f"({slices} time slices); set model.init_img_size")
-    return (slices, side, side) if len(model_grid) == 3 else (side, side)
-
-
-def _learned_table(model: Classifier, stored: torch.Tensor | None, source_grid: tuple[int, ...] | None
-                   ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The table a learned ``pos_embed`` starts fine-tuning from: the checkpoint's own, or else the
-    fixed sin-cos table the encoder was pretrained with (over ``source_grid``, default the model's grid),
-    bicubic-interpolated to the model's grid when the grids differ (MAE's interpolate_pos_embed)."""
-    enc = model.encoder
-    grid = tuple(enc.grid_size)
-    if stored is not None:
-        src = _stored_table_grid(stored.reshape(-1, stored.shape[-1]).shape[0], grid, source_grid)
-        table, origin = stored.reshape(1, -1, stored.shape[-1]), "checkpoint"
-    else:
-        src = tuple(source_grid) if source_grid is not None else grid
-        table, origin = pos_table(model.cfg.pos_embed, model.cfg.embed_dim, src).unsqueeze(0), "pretraining sin-cos"
-    out = interpolate_pos_table(table.to(enc.pos_embed.dtype), src, grid)
-    return out, {"table": "learned", "source": origin, "from_grid": list(src), "to_grid": list(grid),
-                 "interpolated": src != grid}
-
-
 @dataclass
 class EncoderLoad:
     """What :func:`load_encoder_state` did: missing / unexpected encoder keys and, in words and grids,
@@ -276,24 +241,24 @@ class EncoderLoad:
 
 def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder.",
                        source_grid: tuple[int, ...] | None = None) -> EncoderLoad:
-    """Load the ``prefix``-ed part of a pretraining checkpoint into ``model.encoder``.
+    """Load the ``prefix``-ed part of a pretraining state into ``model.encoder``, non-strictly, through
+    :func:`mmmae.weights.load` (``part="encoder"``; its position-table rules: a learned table gets the
+    checkpoint's table, or the sin-cos table the encoder was pretrained with over ``source_grid``,
+    resized to the model's grid; a fixed table stays the model's own, and a learned table in the
+    checkpoint is then unexpected). Keys are returned without the ``encoder.`` prefix."""
+    from mmmae.weights import load
 
-    A classifier with a learned table (``pos_table``) gets the checkpoint's table, or the sin-cos table
-    its encoder was pretrained with over ``source_grid`` (the pretraining token grid; default the
-    model's), resized to the model's grid. A fixed table stays the model's own sin-cos table, and a
-    table in the checkpoint is then reported as unexpected (VideoMAE: the fine-tuning model has none).
-    """
-    enc_state = vision_encoder_state(state, prefix)
-    if not enc_state:
+    if not any(k.startswith(prefix) for k in state):
         raise KeyError(f"checkpoint has no keys under {prefix!r}; first keys: {list(state)[:5]}")
-    grid = list(model.encoder.grid_size)
-    if isinstance(model, Classifier) and model.learned_pos:
-        enc_state["pos_embed"], pos = _learned_table(model, enc_state.get("pos_embed"), source_grid)
-    else:
-        pos = {"table": "fixed" if model.encoder.pos_embed is not None else "none", "source": "model",
-               "from_grid": grid, "to_grid": grid, "interpolated": False}
-    result = model.encoder.load_state_dict(enc_state, strict=False)
-    return EncoderLoad(list(result.missing_keys), list(result.unexpected_keys), pos)
+    if prefix != "encoder.":
+        state = {"encoder." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    rep = load(model, state, part="encoder", strict=False, source_grid=source_grid)
+    strip = len("encoder.")
+    unexpected = [k[strip:] for k in rep.unexpected if k.startswith("encoder.")]
+    unexpected += [k[strip:] for k in rep.ignored if k.startswith("encoder.") and not rep.ignored[k].startswith("M3AE")]
+    if rep.wrong_shape:
+        raise ValueError(f"the checkpoint's encoder does not fit the model: {rep.problems()}")
+    return EncoderLoad([k[strip:] for k in rep.missing], unexpected, rep.pos_embed)
 
 
 def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "encoder.",
