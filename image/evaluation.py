@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mmmae.config import model_cfg
-from mmmae.convert import load_checkpoint_file
 from mmmae.data.collate import collate_dicts
 from mmmae.data.registry import build_dataset
 from mmmae.metrics import classification_metrics
 from mmmae.registry import build_from_cfg
+from mmmae.weights import load
 
 
 @torch.no_grad()
@@ -24,7 +24,9 @@ def evaluate_image_classifier(cfg: DictConfig, checkpoint: str, *, progress: boo
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mcfg = model_cfg(cfg.model)
     model = build_from_cfg(cfg.model.name, mcfg)
-    res = model.load_state_dict(load_checkpoint_file(checkpoint), strict=False)
+    # Any layout mmmae.weights reads (a run, MAE fine-tuned / linear-probe files, timm, Hugging Face ViT),
+    # strictly: an evaluation of weights that do not fit the classifier is an error, not a random head.
+    res = load(model, checkpoint)
     model.to(device).eval()
     dataset = build_dataset(cfg, "val", mcfg)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -41,6 +43,6 @@ def evaluate_image_classifier(cfg: DictConfig, checkpoint: str, *, progress: boo
         skipped += int(batch["skipped_images"])
     s, y = torch.cat(scores), torch.cat(labels)
     return {"metrics": classification_metrics(s, y, topk=(1, 5)), "num_images": len(y), "num_unreadable": skipped,
-            "checkpoint": checkpoint, "load": {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)},
+            "checkpoint": checkpoint, "load": res.to_dict(),
             "protocol": {"split": "val", "dataset": cfg.data.dataset, "img_size": mcfg.img_size,
                          "linear_probe": bool(getattr(mcfg, "linear_probe", False))}}

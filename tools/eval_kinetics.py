@@ -22,7 +22,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", required=True, help="model.safetensors of a fine-tuning run")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's model.safetensors or folder, a DeepSpeed checkpoint folder, or an official / timm / Hugging Face checkpoint (any layout mmmae.weights reads)")
     p.add_argument("--out", required=True, help="where to write the JSON report")
     p.add_argument("--views-per-forward", type=int, default=16)
     args, overrides = p.parse_known_args(argv)

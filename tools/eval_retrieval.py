@@ -20,7 +20,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the training config (a path or a packaged name)")
-    p.add_argument("--checkpoint", required=True, help="model.safetensors (or a checkpoint file) of a run")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's model.safetensors or folder, a DeepSpeed checkpoint folder, or an official / timm / Hugging Face checkpoint (any layout mmmae.weights reads)")
     p.add_argument("--out", required=True, help="where to write the JSON report")
     p.add_argument("--split", default="test", help="Karpathy split to score (test, val); other formats: the whole file")
     p.add_argument("--max-captions-per-image", type=int, default=5, help="0 keeps every caption")

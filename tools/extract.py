@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the training config (a path or a packaged name)")
-    p.add_argument("--checkpoint", required=True, help="model.safetensors (or a checkpoint file) of a run")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's model.safetensors or folder, a DeepSpeed checkpoint folder, or an official / timm / Hugging Face checkpoint (any layout mmmae.weights reads)")
     p.add_argument("--modality", required=True, choices=("video", "image", "text"))
     p.add_argument("--input", required=True, help="a folder, a list file, a caption text file or a COCO json")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, PREFIX.ids.txt, PREFIX.report.json")

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mmmae.config import model_cfg
-from mmmae.convert import load_checkpoint_file
 from mmmae.data.registry import build_dataset
 from mmmae.metrics import aggregate_views, classification_metrics
 from mmmae.registry import build_from_cfg
@@ -26,15 +25,15 @@ from mmmae.video.datasets import VideoTestDataset, collate_test
 log = logging.getLogger(__name__)
 
 
-def load_classifier(cfg: DictConfig, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, dict[str, list[str]]]:
-    """The config's model with a fine-tuned checkpoint's weights; returns the load report."""
+def load_classifier(cfg: DictConfig, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The config's model with a fine-tuned checkpoint's weights (any layout :mod:`mmmae.weights`
+    reads: a run, a DeepSpeed folder, VideoMAE / VideoMAEv2 / OmniMAE fine-tuned files, a Hugging Face
+    VideoMAEForVideoClassification directory), loaded strictly: a checkpoint that lacks a weight of the
+    classifier (its head, say) or does not fit it is an error naming the keys. Returns the load report."""
+    from mmmae.weights import load
+
     model = build_from_cfg(cfg.model.name, model_cfg(cfg.model))
-    state = load_checkpoint_file(checkpoint)
-    res = model.load_state_dict(state, strict=False)
-    report = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
-    if report["missing"]:
-        log.warning("checkpoint %s lacks %d weights of the model (e.g. %s): they keep their initial values",
-                    checkpoint, len(report["missing"]), report["missing"][:3])
+    report = load(model, checkpoint).to_dict()
     return model.to(device).eval(), report
 
 

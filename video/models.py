@@ -583,9 +583,10 @@ class BEVT(EncoderModel):
     t=0 rows of the position table. Returns ``loss`` (weighted sum), ``video_loss`` / ``image_loss``,
     ``pred`` / ``mask`` (video) and ``image_pred`` / ``image_mask``.
 
-    ``load_pretrained(state)`` takes a ``bevt_spatial`` state: the 2-D patch kernel is inflated
-    (``TubeletEmbed3d.inflate_from_2d``), the image head is loaded and the video head starts as the
-    image head applied to each frame of the tubelet.
+    ``init_from`` a ``bevt_spatial`` state (``mmmae.weights.load``; ``load_pretrained`` for a state in
+    memory): the 2-D patch kernel is inflated (repeated over the tubelet and divided by its length, as
+    ``TubeletEmbed3d.inflate_from_2d``), the image head is loaded and the video head starts as the image
+    head applied to each frame of the tubelet (``weight_adapter``).
     """
 
     def __init__(self, cfg: BEVTCfg) -> None:
@@ -673,32 +674,23 @@ class BEVT(EncoderModel):
     def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
         return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
-    @torch.no_grad()
-    def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """Load a ``bevt_spatial`` (or ``bevt``) state; returns (missing, unexpected) keys."""
-        own = self.state_dict()
-        new: dict[str, torch.Tensor] = {}
-        unexpected: list[str] = []
-        kernel = state.get("encoder.patch_embed.proj.weight")
-        inflate = kernel is not None and kernel.ndim == 4
-        for k, v in state.items():
-            name = "image_head." + k[len("head."):] if k.startswith("head.") else k
-            if inflate and name.startswith("encoder.patch_embed.proj."):
-                continue
-            if name in own and own[name].shape == v.shape:
-                new[name] = v
-            else:
-                unexpected.append(k)
+    def weight_adapter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A ``bevt_spatial`` state (mmmae names) for this model, applied by :func:`mmmae.weights.load`
+        (which also inflates the 2-D patch kernel): the image head ``head.*`` becomes ``image_head.*``
+        and, when the state has no video head, the video head starts as the image head applied to each
+        frame of the tubelet."""
+        new = {("image_head." + k[len("head."):] if k.startswith("head.") else k): v for k, v in state.items()}
         if "video_head.weight" not in new and "image_head.weight" in new:
-            # Each frame of a tubelet starts with the image head's prediction for that frame.
             new["video_head.weight"] = new["image_head.weight"].repeat(self.cfg.tubelet_size, 1)
             new["video_head.bias"] = new["image_head.bias"].repeat(self.cfg.tubelet_size)
-        result = self.load_state_dict(new, strict=False)
-        missing = list(result.missing_keys)
-        if inflate:
-            self.encoder.patch_embed.inflate_from_2d(kernel, state.get("encoder.patch_embed.proj.bias"))
-            missing = [k for k in missing if not k.startswith("encoder.patch_embed.proj.")]
-        return missing, unexpected + list(result.unexpected_keys)
+        return new
+
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load a ``bevt_spatial`` (or ``bevt``) state non-strictly; returns (missing, unexpected) keys."""
+        from mmmae.weights import load
+
+        rep = load(self, state, strict=False)
+        return rep.missing, list(rep.unexpected) + list(rep.wrong_shape)
 
 
 def _bevt_video_masker(cfg: BEVTCfg) -> MaskMaker:

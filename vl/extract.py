@@ -84,24 +84,21 @@ def load_model(cfg: DictConfig, checkpoint: str, device: torch.device, modalitie
     config) is an error: its embeddings would go through random projections; use the ``m3ae`` config
     for its features.
     """
-    from mmmae.convert import load_checkpoint_file
+    from mmmae.weights import load
 
     name = cfg.model.name
     model = build_from_cfg(name, model_cfg(cfg.model))
     for modality in modalities:
         Embedder(model, name, layer=layer).check(modality)
-    state = load_checkpoint_file(checkpoint)
-    own = model.state_dict()
-    if not set(state) & set(own):
-        raise ValueError(f"checkpoint {checkpoint} shares no weights with model {name!r} "
-                         f"(checkpoint keys e.g. {list(state)[:3]}, model keys e.g. {list(own)[:3]})")
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if wrong:
+    # Any layout mmmae.weights reads; non-strict unless asked, but weights of another size never load.
+    rep = load(model, checkpoint, strict=False)
+    if not rep.loaded:
+        raise ValueError(f"checkpoint {checkpoint} ({rep.layout}) shares no weights with model {name!r} "
+                         f"({rep.problems(3)})")
+    if rep.wrong_shape:
         raise ValueError(f"checkpoint {checkpoint} does not fit the config's model {name!r} (sizes differ): "
-                         + "; ".join(wrong[:5]))
-    res = model.load_state_dict(state, strict=False)
-    report = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+                         + "; ".join(f"{k}: {v}" for k, v in list(rep.wrong_shape.items())[:5]))
+    report = {"missing": rep.missing, "unexpected": list(rep.unexpected), "layout": rep.layout}
     if strict and (report["missing"] or report["unexpected"]):
         raise ValueError(f"checkpoint {checkpoint} is not a {name!r} checkpoint of this config: it lacks "
                          f"{len(report['missing'])} of the model's weights (e.g. {report['missing'][:3]}) and has "

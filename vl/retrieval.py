@@ -164,28 +164,27 @@ class RetrievalModel(EncoderModel):
 
     # -- loading
 
-    def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """``init_from``: an M3AE state dict (``model.safetensors``) or another retrieval model's.
+    # init_from takes an M3AE encoder; the projections start fresh unless the checkpoint has them
+    # (a retrieval run's): mmmae.weights part="auto".
+    init_part = "encoder"
 
-        Takes every ``encoder.*`` weight (the decoder is left behind on purpose); a retrieval state's
-        projections and temperature are taken too. An image-only encoder (MAE, a classifier) loads its
-        vision part, and the text weights are reported missing. Returns (missing, unexpected) keys of
-        the encoder (``encoder.``-prefixed), as ``mmmae.heads.load_encoder_weights`` does.
-        """
-        enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        if not enc:
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """An M3AE state dict (``model.safetensors``) or another retrieval model's, non-strictly through
+        :func:`mmmae.weights.load` (``part="auto"``): every ``encoder.*`` weight (the decoder is left
+        behind on purpose), and a retrieval state's projections and temperature too. An image-only
+        encoder (MAE, a classifier) loads its vision part, and the text weights are reported missing.
+        Returns the (missing, unexpected) ``encoder.``-prefixed keys; weights of another size are an
+        error."""
+        from mmmae.weights import load
+
+        if not any(k.startswith("encoder.") for k in state):
             raise KeyError(f"checkpoint has no keys under 'encoder.'; first keys: {list(state)[:5]}")
-        own = self.encoder.state_dict()
-        wrong = [f"encoder.{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in enc.items() if k in own and own[k].shape != v.shape]
-        if wrong:
+        rep = load(self, state, part="auto", strict=False)
+        if rep.wrong_shape:
             raise ValueError("checkpoint weights do not fit the model (check img_size, patch_size, embed_dim, "
-                             "vocab_size against the pretraining config): " + "; ".join(wrong[:5]))
-        res = self.encoder.load_state_dict(enc, strict=False)
-        heads = {k: v for k, v in state.items() if k.split(".")[0] in ("image_proj", "text_proj", "logit_scale")}
-        if heads:
-            self.load_state_dict(heads, strict=False)
-        return [f"encoder.{k}" for k in res.missing_keys], [f"encoder.{k}" for k in res.unexpected_keys]
+                             "vocab_size against the pretraining config): "
+                             + "; ".join(f"{k}: {v}" for k, v in list(rep.wrong_shape.items())[:5]))
+        return rep.missing, [k for k in rep.unexpected if k.startswith("encoder.")]
 
     # -- towers
 

@@ -25,7 +25,8 @@ from mmmae.data.registry import build_dataset
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
 from mmmae.engine import dist as D
 from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_first_readable,
-                                     read_train_state, resume_candidates, save_checkpoint, save_safetensors)
+                                     read_train_state, resume_candidates, save_checkpoint, save_safetensors,
+                                     to_universal)
 from mmmae.engine.metrics import MetricsLogger
 from mmmae.engine.optim import lr_at, param_groups
 from mmmae.engine.perf import count_flops, device_peak_tflops
@@ -66,15 +67,10 @@ def zero_stage(cfg: DictConfig) -> int:
 def resume_accum_steps(saved: dict[str, Any] | None, cfg: DictConfig, world_size: int, where: str = "") -> int:
     """Gradient accumulation for this run. A resume on another number of processes keeps the
     checkpoint's global batch (items per optimizer step), so accumulation adjusts; when the new world
-    cannot reach that batch, or the optimizer state is partitioned (ZeRO 1-3), the error says why."""
+    cannot reach that batch, the error says why."""
     accum = cfg.train.accum_steps
     if saved is None or int(saved.get("world_size", world_size)) == world_size:
         return accum
-    old_world, stage = int(saved["world_size"]), int(saved.get("zero_stage", 0))
-    if stage > 0:
-        raise ValueError(f"checkpoint {where} was written by {old_world} processes under ZeRO-{stage}; its optimizer "
-                         f"state is split over those ranks, so it resumes on {old_world} processes only (a ZeRO-0 "
-                         f"checkpoint resumes on any number); this run has {world_size}")
     target, per_step = int(saved["global_batch"]), cfg.data.batch_size * world_size
     if target % per_step:
         raise ValueError(f"checkpoint {where} trains with {target} items per optimizer step; {world_size} processes x "
@@ -344,6 +340,16 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   fused=bool(cfg.optim.fused))
     ds_config = deepspeed_config(cfg, world, precision, accum)
+    # A ZeRO 1-3 checkpoint splits its optimizer state over the ranks that wrote it: another world
+    # size loads its universal form (converted once, on rank 0).
+    universal = elastic and int(saved.get("zero_stage", 0)) > 0
+    if universal:
+        if D.is_main():
+            log.info("converting %s to DeepSpeed's universal checkpoint for %d processes", candidates[0], world)
+            to_universal(candidates[0])
+        D.barrier()
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        candidates = candidates[:1]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if world == 1 and engine.zero_optimization_stage() == 0:
         # Nothing to average over one process; DeepSpeed would still flatten and copy every gradient
@@ -356,7 +362,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     nonfinite_total = 0
     # Unreadable inputs the datasets skipped, by batch counter (skipped_videos, skipped_images).
     skipped: dict[str, int] = {}
-    loaded = load_first_readable(engine, candidates) if candidates else None
+    loaded = load_first_readable(engine, candidates, universal=universal) if candidates else None
     if loaded is not None:
         resume_from, state = loaded
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
