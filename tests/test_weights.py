@@ -464,6 +464,32 @@ def test_simmim_pretraining_loads_and_expands_its_shared_table() -> None:
         assert torch.equal(blk.attn.relative_position_bias_table, sd["rel_pos_bias.relative_position_bias_table"])
 
 
+def test_simmim_finetuned_vit_with_block_tables_gives_the_reference_logits() -> None:
+    """SimMIM's fine-tuning ViT (USE_RPB: one table per block, USE_MEAN_POOLING: fc_norm, no absolute
+    table), stored without the SimMIM wrapper's ``encoder.`` prefix."""
+    rows = (2 * 4 - 1) ** 2 + 3
+    keys = [("cls_token", (1, 1, D)), ("patch_embed.proj.weight", (D, 3, P, P)), ("patch_embed.proj.bias", (D,))]
+    keys += blocks("blocks.", DEPTH, D, HIDDEN, bias="qv", gamma=True, table_rows=rows)
+    keys += [("fc_norm.weight", (D,)), ("fc_norm.bias", (D,)), ("head.weight", (K, D)), ("head.bias", (K,))]
+    state = fill(keys, seed=9)
+    for i in range(DEPTH):
+        state[f"blocks.{i}.attn.relative_position_index"] = beit_relative_position_index(4, 4)
+    model = ours("classifier", num_classes=K, rel_pos_bias="block", pos_embed="none", qkv_bias="qv", init_values=0.1)
+    rep = weights.load(model, state)
+    assert rep.variant.startswith("beit_finetune") and rep.ok and len(rep.fixed) == DEPTH
+    x = image()
+    t = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=P).flatten(2).transpose(1, 2)
+    t = torch.cat([state["cls_token"].expand(2, -1, -1), t], dim=1)
+    for i in range(DEPTH):
+        table, index = state[f"blocks.{i}.attn.relative_position_bias_table"], beit_relative_position_index(4, 4)
+        rel = table[index.view(-1)].view(1 + L, 1 + L, -1).permute(2, 0, 1)
+        t = ref_block(state, f"blocks.{i}.", t, HEADS, rel_bias=rel)
+    ref = F.linear(F.layer_norm(t[:, 1:].mean(1), (D,), state["fc_norm.weight"], state["fc_norm.bias"], 1e-6),
+                   state["head.weight"], state["head.bias"])
+    with torch.no_grad():
+        assert torch.allclose(model({"image": x})["logits"], ref, atol=1e-5)
+
+
 # ---------------------------------------------------------------------- mmmae runs and DeepSpeed
 
 
