@@ -135,10 +135,39 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, client_state
     return final
 
 
-def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
+UNIVERSAL = "universal"  # the world-size-free copy of a ZeRO checkpoint, inside its folder
+
+
+def to_universal(path: Path) -> Path:
+    """DeepSpeed's universal form of a ZeRO 1-3 checkpoint (``ds_to_universal``: the optimizer state
+    per parameter instead of per rank), written once into ``path/universal`` (temp name, then rename),
+    so the checkpoint resumes on any number of processes. Call on one rank."""
+    out = path / UNIVERSAL
+    if (out / MARKER).is_file():
+        return out
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    tmp = path / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal(Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    _write_atomic(tmp / MARKER, json.dumps({"from": path.name}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_checkpoint(engine: Any, path: Path, *, universal: bool = False) -> dict[str, Any]:
     """Load a published checkpoint into the engine (model, optimizer, scheduler state) and restore
-    this rank's RNG state; returns the client state saved with it."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
+    this rank's RNG state; returns the client state saved with it. ``universal`` loads the checkpoint's
+    universal form (a resume on another number of processes)."""
+    if universal:
+        _, client_state = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_module_strict=True)
+        if client_state is None or "step" not in client_state:
+            client_state = read_train_state(path)
+    else:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
     if client_state is None:
         raise RuntimeError(f"could not load checkpoint {path}")
     rng_file = path / f"rng_rank{D.rank()}.pt"
@@ -150,7 +179,8 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     return client_state
 
 
-def load_first_readable(engine: Any, candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+def load_first_readable(engine: Any, candidates: list[Path], *, universal: bool = False
+                        ) -> tuple[Path, dict[str, Any]] | None:
     """Load the first candidate every rank can read; an unreadable one (a truncated or corrupt file)
     is named in a warning and the next is tried. None when there is no candidate; an error naming
     each one when none loads."""
@@ -158,7 +188,7 @@ def load_first_readable(engine: Any, candidates: list[Path]) -> tuple[Path, dict
     for path in candidates:
         error = ""
         try:
-            state = load_checkpoint(engine, path)
+            state = load_checkpoint(engine, path, universal=universal)
         except Exception as e:  # torch / DeepSpeed raise many kinds for a damaged file
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if not D.all_reduce_max(1.0 if error else 0.0):

@@ -67,10 +67,18 @@ def zero_stage(cfg: DictConfig) -> int:
 def resume_accum_steps(saved: dict[str, Any] | None, cfg: DictConfig, world_size: int, where: str = "") -> int:
     """Gradient accumulation for this run. A resume on another number of processes keeps the
     checkpoint's global batch (items per optimizer step), so accumulation adjusts; when the new world
-    cannot reach that batch, the error says why."""
+    cannot reach that batch, or the checkpoint is ZeRO-3's, the error says why."""
     accum = cfg.train.accum_steps
     if saved is None or int(saved.get("world_size", world_size)) == world_size:
         return accum
+    old_world, stage = int(saved["world_size"]), int(saved.get("zero_stage", 0))
+    if stage >= 3:
+        # Measured: DeepSpeed's universal form of a ZeRO-3 checkpoint reloads the weights exactly but
+        # not the optimizer state (the first update after the resume differs), so it is refused.
+        raise ValueError(f"checkpoint {where} was written by {old_world} processes under ZeRO-3, whose optimizer "
+                         f"state does not survive DeepSpeed's universal conversion intact; resume it on "
+                         f"{old_world} processes (ZeRO 0-2 checkpoints resume on any number); this run has "
+                         f"{world_size}")
     target, per_step = int(saved["global_batch"]), cfg.data.batch_size * world_size
     if target % per_step:
         raise ValueError(f"checkpoint {where} trains with {target} items per optimizer step; {world_size} processes x "
