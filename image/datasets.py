@@ -24,10 +24,14 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 class ImageFolder(Dataset):
     """``root/class_x/xxx.jpg`` (labels from sorted class folders) or a flat folder of images
     (label -1, for pretraining). Unreadable images are skipped with a warning and counted in the
-    sample's ``skipped`` field; another image is drawn deterministically."""
+    sample's ``skipped`` field. Training (``replace=True``) draws another image deterministically;
+    evaluation (``replace=False``) never substitutes one: the sample keeps its own label, carries a
+    blank image, ``valid=False`` and the file in ``unreadable``, so the evaluation leaves it out and
+    lists it."""
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], torch.Tensor],
-                 max_bad_fraction: float = 0.1) -> None:
+                 max_bad_fraction: float = 0.1, *, replace: bool = True) -> None:
+        self.replace = replace
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} (data.root)")
@@ -56,11 +60,18 @@ class ImageFolder(Dataset):
                     img = im.convert("RGB")
             except (OSError, ValueError) as e:
                 skipped += 1
+                if not self.replace:
+                    log.warning("ImageFolder: unreadable image %s (%s): left out of the evaluation", path, e)
+                    return {"image": self.transform(Image.new("RGB", (32, 32))), "label": label, "index": index,
+                            "skipped": skipped, "valid": False, "unreadable": str(path)}
                 self.reads.failed(i, str(path), str(e), total=len(self.items))
                 i = (i * 1_000_003 + 7 + skipped) % len(self.items)
             else:
                 self.reads.ok(i)
-                return {"image": self.transform(img), "label": label, "index": index, "skipped": skipped}
+                sample = {"image": self.transform(img), "label": label, "index": index, "skipped": skipped}
+                if not self.replace:
+                    sample.update(valid=True, unreadable=None)
+                return sample
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -145,7 +156,7 @@ def _build_image_folder(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
     root = cfg.data.root if split == "train" else (cfg.data.val_list or cfg.data.root)
     from mmmae.data.transforms import eval_transform
     tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size)
-    return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction), cfg.data.limit)
+    return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction, replace=split == "train"), cfg.data.limit)
 
 
 @register_dataset("fashion_mnist")

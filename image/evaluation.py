@@ -35,14 +35,19 @@ def evaluate_image_classifier(cfg: DictConfig, checkpoint: str, *, progress: boo
     if progress:
         from tqdm import tqdm
         it = tqdm(loader, desc="eval", dynamic_ncols=True)
-    scores, labels, skipped = [], [], 0
+    scores, labels, unreadable = [], [], []
     for batch in it:
-        logits = model({"image": batch["image"].to(device)})["logits"].float().cpu()
+        # Unreadable images are left out and listed, never replaced by another image.
+        valid = batch["valid"] if "valid" in batch else torch.ones(len(batch["label"]), dtype=torch.bool)
+        unreadable += [f for f in batch.get("unreadable", []) if f]
+        if not valid.any():
+            continue
+        logits = model({"image": batch["image"][valid].to(device)})["logits"].float().cpu()
         scores.append(logits.softmax(-1))
-        labels.append(batch["label"])
-        skipped += int(batch["skipped_images"])
+        labels.append(batch["label"][valid])
     s, y = torch.cat(scores), torch.cat(labels)
-    return {"metrics": classification_metrics(s, y, topk=(1, 5)), "num_images": len(y), "num_unreadable": skipped,
+    return {"metrics": classification_metrics(s, y, topk=(1, 5)), "num_images": len(y),
+            "num_unreadable": len(unreadable), "unreadable": unreadable,
             "checkpoint": checkpoint, "load": res.to_dict(),
             "protocol": {"split": "val", "dataset": cfg.data.dataset, "img_size": mcfg.img_size,
                          "linear_probe": bool(getattr(mcfg, "linear_probe", False))}}

@@ -36,6 +36,33 @@ def test_image_folder_with_classes_and_an_unreadable_file(tmp_path: Path) -> Non
     assert batch["image"].shape == (7, 3, 32, 32) and batch["skipped_images"] == 1 and "skipped_videos" not in batch
 
 
+def test_evaluation_never_replaces_an_unreadable_image(tmp_path: Path, dist_group: None) -> None:
+    """In evaluation an unreadable image keeps its own label, is left out of the scores and listed."""
+    from mmmae.config import load_config
+    from mmmae.image.evaluation import evaluate_image_classifier
+
+    for i, p in enumerate(_photos(6)):
+        d = tmp_path / "val" / ("cat" if i % 2 else "dog")
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / p.name)
+    broken = tmp_path / "val" / "dog" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ds = ImageFolder(tmp_path / "val", eval_transform(32), replace=False)
+    i = next(i for i, (p, _) in enumerate(ds.items) if p == broken)
+    sample = ds[i]
+    assert sample["valid"] is False and sample["label"] == 1 and sample["unreadable"] == str(broken)
+    cfg = load_config(None, ["model.name=classifier", "model.size=vit_tiny_test", "model.img_size=32",
+                             "model.patch_size=8", "model.num_classes=2", "data.dataset=image_folder",
+                             f"data.root={tmp_path / 'val'}", f"data.val_list={tmp_path / 'val'}",
+                             "data.batch_size=4", "data.num_workers=0"])
+    import mmmae
+    from safetensors.torch import save_file
+    model = mmmae.create_model("classifier", size="vit_tiny_test", img_size=32, patch_size=8, num_classes=2)
+    save_file(model.state_dict(), str(tmp_path / "clf.safetensors"))
+    report = evaluate_image_classifier(cfg, str(tmp_path / "clf.safetensors"), progress=False)
+    assert report["num_images"] == 6 and report["num_unreadable"] == 1 and report["unreadable"] == [str(broken)]
+
+
 def test_image_folder_flat_is_unlabelled_and_errors_name_the_path(tmp_path: Path) -> None:
     for p in _photos(3):
         shutil.copy(p, tmp_path / p.name)
