@@ -16,7 +16,7 @@ import mmmae
 from mmmae.convert import from_hf_vitmae
 from mmmae.masking import mask_from_noise
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a required dependency: no skip)
 
 HIDDEN, LAYERS, HEADS, DEC_HIDDEN, DEC_LAYERS, DEC_HEADS = 64, 2, 4, 32, 1, 4
 IMG, PATCH, BATCH, RATIO = 32, 8, 3, 0.75

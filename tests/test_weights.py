@@ -38,7 +38,7 @@ from mmmae import weights
 from mmmae.engine.trainer import load_init_weights
 from mmmae.weights.export import official_state
 
-timm = pytest.importorskip("timm")
+import timm  # noqa: E402  (a required dependency: no skip)
 
 ROOT = Path(__file__).resolve().parents[1]
 D, DEPTH, HEADS, HIDDEN = 32, 2, 2, 64  # vit_tiny_test: mlp_ratio 2
