@@ -111,7 +111,7 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, client_state
     except OSError as e:
         error = f"rank {D.rank()}: {e}"
     # Every rank learns of a failed write (no rank is left waiting at the barrier below).
-    if D.all_reduce_max(1.0 if error else 0.0):
+    if D.all_reduce_max(1.0 if error else 0.0)[0]:
         previous = complete_checkpoints(output_dir)
         keep = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"could not write checkpoint {root / tmp_tag} ({error or 'failed on another rank'}); "
@@ -191,7 +191,7 @@ def load_first_readable(engine: Any, candidates: list[Path], *, universal: bool 
             state = load_checkpoint(engine, path, universal=universal)
         except Exception as e:  # torch / DeepSpeed raise many kinds for a damaged file
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if not D.all_reduce_max(1.0 if error else 0.0):
+        if not D.all_reduce_max(1.0 if error else 0.0)[0]:
             return path, state
         failures.append(f"{path} ({error or 'unreadable on another rank'})")
         log.warning("checkpoint %s is unreadable (%s); trying the previous complete one", path,

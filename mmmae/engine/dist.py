@@ -248,12 +248,13 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
-def all_reduce_max(value: float) -> float:
+def all_reduce_max(*values: float) -> list[float]:
+    """Element-wise maximum over ranks of a few flags, in one collective."""
     if not dist.is_initialized() or world_size() == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
 
 
 def broadcast_object(obj: object) -> object:

@@ -408,6 +408,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     last_record: dict[str, Any] = {}
     last_ckpt: Path | None = None
     saved_at = -1  # the step of the last checkpoint this invocation wrote
+    stop_signum = 0  # a stop signal any rank received, as agreed at the last micro-batch
     grad_norm = float("nan")
 
     def set_lr(s: int) -> float:
@@ -450,7 +451,9 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                     step_flops = 3.0 * accum * count_flops(lambda: engine(batch), engine.module)
             out = engine(batch)
             loss = out["loss"]
-            finite = D.all_reduce_sum(0.0 if torch.isfinite(loss).all() else 1.0) == 0.0
+            # One collective per micro-batch agrees on both: a non-finite loss anywhere, a stop signal anywhere.
+            bad, signalled = D.all_reduce_max(0.0 if torch.isfinite(loss).all() else 1.0, float(stop_flag["signum"]))
+            finite, stop_signum = bad == 0.0, int(signalled)
             if not finite:
                 # Every rank skips this batch (they agreed above), so DeepSpeed's counters stay aligned.
                 nonfinite_total += 1
@@ -514,8 +517,8 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                 _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
             if step % cfg.train.ckpt_every == 0 and step < end_step:
                 last_ckpt, saved_at = checkpoint_now(), step
-            # Every rank stops at the same step if any of them was signalled.
-            signum = int(D.all_reduce_max(float(stop_flag["signum"])))
+            # Every rank stops at the same step if any of them was signalled (agreed with the loss check).
+            signum = stop_signum
             if signum and step < end_step:
                 if saved_at != step:
                     last_ckpt, saved_at = checkpoint_now(), step
