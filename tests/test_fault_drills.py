@@ -80,7 +80,7 @@ def test_no_readable_checkpoint_names_each(tmp_path: Path, dist_group: None) -> 
 
 
 class _SlowDataset(torch.utils.data.Dataset):
-    """Synthetic images that take 30 ms each to 'decode'."""
+    """Synthetic images that take 60 ms each to 'decode'."""
 
     def __init__(self, inner: torch.utils.data.Dataset) -> None:
         self.inner = inner
@@ -90,7 +90,7 @@ class _SlowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         import time
-        time.sleep(0.03)
+        time.sleep(0.06)
         return self.inner[i]
 
 
@@ -113,7 +113,7 @@ def test_metrics_report_data_wait_step_time_and_mfu(tmp_path: Path, dist_group: 
     with caplog.at_level(logging.WARNING, logger="mmmae.train"):
         T.train(load_config(None, [*common, f"output_dir={tmp_path / 'slow'}"]))
     slow = rows(tmp_path / "slow")
-    # 4 images x 30 ms per step in the main process: waiting dominates the step (the first window also
+    # 4 images x 60 ms per step in the main process: waiting dominates the step (the first window also
     # holds start-up work, the one-off FLOP count among it, so it is not judged).
     assert all(r["data_wait_share"] > 0.5 for r in slow[1:]), [r["data_wait_share"] for r in slow]
     assert all(s["step_time_s"] > f["step_time_s"] + 0.1 for s, f in zip(slow[1:], fast[1:]))
