@@ -1,5 +1,6 @@
 """Engine pieces on their own: parameter groups, schedule, DeepSpeed config, samplers, collate,
-checkpoint discovery, and non-finite losses through the real training loop (in-process)."""
+checkpoint discovery, the loop's state, data stream and log window, and non-finite losses through the
+real training loop (in-process)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from mmmae.data.collate import MaskCollator, collate_dicts
 from mmmae.data.sampler import MixedBatchSampler, ResumableBatchSampler, SeededDataset
 from mmmae.engine.checkpoint import MARKER, complete_checkpoints, resolve_resume
 from mmmae.engine.optim import layer_id, lr_at, param_groups
-from mmmae.engine.trainer import deepspeed_config
+from mmmae.engine.trainer import (LogWindow, StepResult, TrainData, TrainState, deepspeed_config,
+                                  resume_accum_steps)
 
 
 def test_param_groups_exclude_norms_biases_tokens() -> None:
@@ -230,3 +233,80 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path, d
 def test_empty_override_clears_a_string_key() -> None:
     cfg = load_config("image_mae_tiny.yaml", ["init_from=", "data.class_list="])
     assert cfg.init_from == "" and cfg.data.class_list == ""
+
+
+def test_train_state_round_trips_and_recuts_its_position_for_another_world() -> None:
+    state = TrainState(step=7, epoch=2, epoch_batches=6, nonfinite_total=3, skipped={"skipped_videos": 2})
+    # Written by 2 processes with 4 items each and 2 accumulation steps.
+    saved = json.loads(json.dumps(state.to_dict(batch_size=4, world_size=2, accum_steps=2, zero_stage=1)))
+    assert saved["epoch_samples"] == 6 * 4 * 2 and saved["global_batch"] == 16 and saved["zero_stage"] == 1
+    assert TrainState.from_dict(saved, batch_size=4, world_size=2) == state
+    # On 1 process the same 48 samples of the epoch are 12 batches of 4; on 4 processes 3.
+    assert TrainState.from_dict(saved, batch_size=4, world_size=1).epoch_batches == 12
+    assert TrainState.from_dict(saved, batch_size=4, world_size=4).epoch_batches == 3
+    # ... and accumulation grows so that an optimizer step still takes 16 items.
+    assert resume_accum_steps(saved, load_config(None, ["data.batch_size=4", "train.accum_steps=2"]), 1) == 4
+    older = {"step": 5, "epoch": 1, "epoch_batches": 9}  # no sampler position, counters or run shape
+    assert TrainState.from_dict(older, batch_size=4, world_size=3) == TrainState(step=5, epoch=1, epoch_batches=9)
+    with pytest.raises(ValueError, match=r"ckpt/step_00000005 lacks epoch, epoch_batches"):
+        TrainState.from_dict({"step": 5}, batch_size=4, world_size=1, where="ckpt/step_00000005")
+
+
+def test_train_data_crosses_epochs_and_continues_from_a_train_state() -> None:
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> dict:
+            return {"image": torch.full((1,), float(i)), "index": i}
+
+    cfg = load_config(None, ["data.batch_size=2", "data.num_workers=0"])
+
+    def stream(state: TrainState) -> tuple[Iterator[dict], list[float]]:
+        data = TrainData(cfg, SeededDataset(Items(), 0), None, world=1, rank=0, seed=0, device=torch.device("cpu"))
+        assert data.batches_per_epoch == 5
+        waits: list[float] = []
+        return data.batches(state, waits.append), waits
+
+    state = TrainState()
+    batches, waits = stream(state)
+    drawn = [next(batches)["index"].tolist() for _ in range(7)]
+    assert (state.epoch, state.epoch_batches) == (1, 2) and len(waits) == 7
+    assert sorted(sum(drawn[:5], [])) == list(range(10))  # epoch 0 sees every item once
+    resumed, _ = stream(TrainState(epoch=1, epoch_batches=2))
+    assert next(resumed)["index"].tolist() == next(batches)["index"].tolist()
+
+
+def _step(sums: dict, counts: dict, samples: int, tokens: int) -> StepResult:
+    return StepResult(sums, counts, samples, tokens, grad_norm=1.0, stop_signum=0, batch={}, out={})
+
+
+def test_log_window_makes_one_record_per_window_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    window = LogWindow(step_flops=6e12, peak_tflops=2.0, clock=lambda: now[0])
+    state = TrainState(step=2, epoch=0, nonfinite_total=1, skipped={"skipped_images": 3})
+    # Two steps: loss 1.0 and 2.0 over two micro-batches, then 4.0 over one (its other one was skipped).
+    window.add(_step({"loss": 3.0, "mse_loss": 3.0}, {"loss": 2, "mse_loss": 2}, samples=8, tokens=64))
+    window.add(_step({"loss": 4.0, "mse_loss": 4.0}, {"loss": 1, "mse_loss": 1}, samples=4, tokens=32))
+    window.add_wait(0.5)
+    now[0] = 102.0
+    with caplog.at_level("WARNING", logger="mmmae.train"):
+        rec = window.record(state, epoch=0.4, lr=1e-3, grad_norm=1.0)
+    assert rec["loss"] == pytest.approx(7.0 / 3) and rec["mse_loss"] == pytest.approx(7.0 / 3)
+    assert rec["samples_per_s"] == 6.0 and rec["tokens_per_s"] == 48.0 and rec["step_time_s"] == 1.0
+    assert rec["data_wait_share"] == 0.25 and rec["mfu"] == pytest.approx(3.0)
+    assert rec["skipped_images"] == 3 and rec["nonfinite_steps"] == 1 and rec["step"] == 2
+    assert not caplog.records  # the first window pays worker start-up: not judged
+    # The window starts again: the next record counts only what came after.
+    window.add(_step({"loss": 1.0}, {"loss": 1}, samples=2, tokens=16))
+    window.add_wait(3.0)
+    now[0] = 106.0
+    with caplog.at_level("WARNING", logger="mmmae.train"):
+        rec = window.record(state, epoch=0.6, lr=1e-3, grad_norm=1.0)
+        assert rec["loss"] == 1.0 and rec["samples_per_s"] == 0.5 and rec["step_time_s"] == 4.0
+        assert rec["data_wait_share"] == 0.75
+        window.add(_step({"loss": 1.0}, {"loss": 1}, samples=2, tokens=16))
+        window.add_wait(3.0)
+        now[0] = 110.0
+        window.record(state, epoch=0.8, lr=1e-3, grad_norm=1.0)
+    assert [r.getMessage()[:3] for r in caplog.records] == ["75%"]  # once, for the second window only

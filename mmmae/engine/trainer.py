@@ -11,9 +11,10 @@ import logging
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -166,7 +167,7 @@ def load_init_weights(model: torch.nn.Module, path: str, *, strict: bool = True,
 
     if part not in PARTS:
         raise ConfigError(f"init_part must be one of {', '.join(PARTS)}, got {part!r}")
-    learned = bool(getattr(model, "learned_pos", False))
+    learned = _learned_pos(model)
     grid, where = pretrain_grid(model.cfg, Path(path)) if learned else (None, "not used")
     report = load(model, path, part=part, strict=strict, source_grid=grid).to_dict()
     if learned:
@@ -174,15 +175,42 @@ def load_init_weights(model: torch.nn.Module, path: str, *, strict: bool = True,
     return report
 
 
-def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+# --- Probes of a dataset, a model and their batches -------------------------------------------------
+# What the loop asks of a dataset or model beyond the wrapper contract. They are kept together here
+# until the method spec names these things.
+
+def _own_batch_sampler(dataset: Any) -> bool:
+    """A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards."""
+    return hasattr(dataset, "make_batch_sampler")
 
 
-@torch.no_grad()
-def _grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
-        if grads else 0.0
+def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
+def _dataset_collate(dataset: Any) -> Any:
+    return getattr(dataset, "collate_fn", collate_dicts)
+
+
+def _learned_pos(model: torch.nn.Module) -> bool:
+    """A learned position table (resized from the pretraining grid when weights load)."""
+    return bool(getattr(model, "learned_pos", False))
+
+
+def _set_grad_checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+
+
+def _tokens_fallback(model: torch.nn.Module) -> int:
+    """Tokens per sample, for a model whose output carries no (B, L) mask."""
+    return int(getattr(getattr(model, "encoder", None), "num_patches", 0))
+
+
+def _skip_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """Unreadable inputs the dataset skipped for this batch, by counter (skipped_videos, skipped_images)."""
+    return {k: v for k, v in batch.items() if k.startswith("skipped_") and isinstance(v, int)}
 
 
 def _batch_len(batch: dict[str, Any]) -> int:
@@ -203,21 +231,73 @@ def _tokens_in(batch: dict[str, Any], out: dict[str, Any], fallback: int) -> int
     return n
 
 
-DATA_WAIT_WARN = 0.2  # share of step time waiting for the loader past which the run warns (once)
+def _loss_parts(out: dict[str, Any]) -> dict[str, float]:
+    """``loss`` and the named ``*_loss`` parts of a model's output, as floats."""
+    return {k: float(v.detach().float()) for k, v in out.items() if k == "loss" or k.endswith("_loss")}
 
 
-def timed_batches(loader: Any, wait: dict[str, float]) -> Iterator[Any]:
-    """The loader's batches; the time spent waiting for each is added to ``wait["s"]``."""
-    it = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        wait["s"] += time.perf_counter() - t0
-        yield batch
+# --- The loop's state ---------------------------------------------------------------------------------
 
+@dataclass
+class TrainState:
+    """Where the loop stands: saved with every checkpoint (as DeepSpeed's client state and as
+    ``train_state.json``) and restored on resume. Each rank's RNG state travels in the checkpoint's
+    own ``rng_rank{N}.pt`` files (:func:`mmmae.engine.checkpoint.save_checkpoint`)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    epoch_batches: int = 0  # loader batches of ``epoch`` this rank has drawn (non-finite ones included)
+    nonfinite_total: int = 0  # micro-batches skipped for a non-finite loss
+    skipped: dict[str, int] = field(default_factory=dict)  # unreadable inputs skipped, by batch counter
+
+    def to_dict(self, *, batch_size: int, world_size: int, accum_steps: int, zero_stage: int) -> dict[str, Any]:
+        """The JSON-ready state, with the run's shape: a resume on another number of processes keeps
+        ``global_batch`` and re-cuts the sampler's global position ``epoch_samples``."""
+        return {"step": self.step, "epoch": self.epoch, "epoch_batches": self.epoch_batches,
+                "epoch_samples": self.epoch_batches * batch_size * world_size, "world_size": world_size,
+                "global_batch": batch_size * accum_steps * world_size, "zero_stage": zero_stage,
+                "nonfinite_total": self.nonfinite_total, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], *, batch_size: int, world_size: int, where: str = "") -> TrainState:
+        """The state :meth:`to_dict` wrote, for this run's ``batch_size`` and ``world_size``."""
+        missing = [k for k in ("step", "epoch", "epoch_batches") if k not in saved]
+        if missing:
+            raise ValueError(f"the train state of checkpoint {where} lacks {', '.join(missing)}")
+        epoch_batches = int(saved["epoch_batches"])
+        if "epoch_samples" in saved:  # the sampler's position is global: re-cut it for this world size
+            epoch_batches = int(saved["epoch_samples"]) // (batch_size * world_size)
+        return cls(step=int(saved["step"]), epoch=int(saved["epoch"]), epoch_batches=epoch_batches,
+                   nonfinite_total=int(saved.get("nonfinite_total", 0)),
+                   skipped={k: int(v) for k, v in saved.get("skipped", {}).items()})
+
+    def count_skipped(self, batch: dict[str, Any]) -> None:
+        for k, v in _skip_counts(batch).items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+
+
+class Checkpointer:
+    """Writes the run's checkpoints and remembers the last one and its step, so no step is saved twice."""
+
+    def __init__(self, engine: Any, out_dir: Path, keep_last: int, *, batch_size: int, world_size: int,
+                 accum_steps: int) -> None:
+        self.engine, self.out_dir, self.keep_last = engine, out_dir, keep_last
+        self.shape = {"batch_size": batch_size, "world_size": world_size, "accum_steps": accum_steps,
+                      "zero_stage": engine.zero_optimization_stage()}
+        self.last: Path | None = None
+        self.saved_step = -1
+
+    def save(self, state: TrainState) -> Path:
+        self.last = save_checkpoint(self.engine, self.out_dir, state.step, state.to_dict(**self.shape), self.keep_last)
+        self.saved_step = state.step
+        return self.last
+
+    def ensure(self, state: TrainState) -> Path:
+        """The checkpoint of ``state.step``, written now unless this run already wrote it."""
+        return self.last if self.last is not None and self.saved_step == state.step else self.save(state)
+
+
+# --- Data ---------------------------------------------------------------------------------------------
 
 def build_mixup(cfg: DictConfig, mcfg: Any) -> Any:
     """timm's Mixup/CutMix for fine-tuning (soft labels with smoothing), or None."""
@@ -236,6 +316,194 @@ def apply_mixup(mixup: Any, batch: dict[str, Any]) -> dict[str, Any]:
     flat, target = mixup(flat, batch["label"])
     return {**batch, key: flat.view_as(x), "label": target}
 
+
+def timed_batches(loader: Any, on_wait: Callable[[float], None]) -> Iterator[Any]:
+    """The loader's batches; the seconds spent waiting for each go to ``on_wait``."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        on_wait(time.perf_counter() - t0)
+        yield batch
+
+
+def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class TrainData:
+    """The training data of one rank: the dataset, its batch sampler, the collate that makes the masks,
+    and the loader, read from a :class:`TrainState`'s position on, epoch after epoch."""
+
+    def __init__(self, cfg: DictConfig, dataset: Any, mask_fn: Any, *, world: int, rank: int, seed: int,
+                 device: torch.device, mixup: Any = None) -> None:
+        self.dataset, self.seed, self.device, self.mixup = dataset, seed, device, mixup
+        if _own_batch_sampler(dataset):
+            self.batch_sampler = dataset.make_batch_sampler(cfg.data.batch_size, world, rank, seed)
+        else:
+            self.batch_sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, world, rank,
+                                                       shuffle=True, seed=seed)
+        self.collate = MaskCollator(mask_fn, seed=seed, collate=_dataset_collate(dataset))
+        self.loader_gen = torch.Generator()
+        self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, collate_fn=self.collate,
+                                 num_workers=cfg.data.num_workers, generator=self.loader_gen,
+                                 pin_memory=device.type == "cuda", persistent_workers=False)
+        self.batch_sampler.set_epoch(0)
+        self.batches_per_epoch = len(self.batch_sampler)
+
+    def batches(self, state: TrainState, on_wait: Callable[[float], None]) -> Iterator[dict[str, Any]]:
+        """Device batches (mixed up when fine-tuning with mixup) from ``state``'s epoch and batch on;
+        advances ``state.epoch_batches`` per batch and ``state.epoch`` when an epoch runs out."""
+        while True:
+            self.batch_sampler.set_epoch(state.epoch, start_batch=state.epoch_batches)
+            _set_dataset_epoch(self.dataset, state.epoch)
+            self.collate.set_epoch(state.epoch)
+            self.loader_gen.manual_seed(mix_seed(self.seed, state.epoch, "workers"))
+            for batch in timed_batches(self.loader, on_wait):
+                state.epoch_batches += 1
+                state.count_skipped(batch)
+                batch = _batch_to(batch, self.device)
+                yield apply_mixup(self.mixup, batch) if self.mixup is not None else batch
+            state.epoch += 1
+            state.epoch_batches = 0
+
+
+# --- One optimizer step -------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    """What one optimizer step gives the log window, the picture and the stop check."""
+
+    loss_sums: dict[str, float]  # summed over the step's finite micro-batches
+    loss_counts: dict[str, int]  # how many micro-batches gave each part
+    samples: int
+    tokens: int
+    grad_norm: float
+    stop_signum: int  # a stop signal any rank received, as agreed at the last micro-batch
+    batch: dict[str, Any]  # the last micro-batch and the model's output for it
+    out: dict[str, Any]
+    forward_flops: float | None = None  # of the first micro-batch, when asked to count
+
+
+@torch.no_grad()
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
+
+
+def train_step(engine: Any, batches: Iterator[dict[str, Any]], state: TrainState, *, accum: int,
+               max_nonfinite: int, stop_flag: dict[str, int], own_grad_norm: bool = False,
+               tokens_fallback: int = 0, count_flops_first: bool = False) -> StepResult:
+    """One optimizer step: ``accum`` micro-batches with a finite loss, each ``forward -> backward ->
+    engine.step()`` (DeepSpeed steps the optimizer at the last). A micro-batch whose loss is non-finite
+    on any rank is skipped by every rank (DeepSpeed's counters stay aligned) and another is drawn;
+    ``max_nonfinite`` in a row raise :class:`NonFiniteLossError`. ``state.step`` advances by one."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    samples = tokens = micro = consecutive_bad = 0
+    own_norm, forward_flops, stop_signum = None, None, 0
+    while micro < accum:
+        batch = next(batches)
+        if count_flops_first and forward_flops is None:
+            with torch.no_grad():
+                forward_flops = count_flops(lambda: engine(batch), engine.module)
+        out = engine(batch)
+        loss = out["loss"]
+        # One collective per micro-batch agrees on both: a non-finite loss anywhere, a stop signal anywhere.
+        bad, signalled = D.all_reduce_max(0.0 if torch.isfinite(loss).all() else 1.0, float(stop_flag["signum"]))
+        stop_signum = int(signalled)
+        if bad:
+            state.nonfinite_total += 1
+            consecutive_bad += 1
+            if D.is_main():
+                log.warning("non-finite loss at step %d (%d in a row); batch skipped", state.step, consecutive_bad)
+            if consecutive_bad >= max_nonfinite:
+                raise NonFiniteLossError(f"{consecutive_bad} consecutive non-finite losses at step {state.step} "
+                                         f"(train.max_nonfinite={max_nonfinite}); stopping")
+            continue
+        consecutive_bad = 0
+        engine.backward(loss)
+        micro += 1
+        if own_grad_norm and micro == accum:
+            own_norm = _grad_norm(engine.module)  # grads are reduced and complete at the boundary
+        engine.step()
+        for k, v in _loss_parts(out).items():
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
+        samples += _batch_len(batch)
+        tokens += _tokens_in(batch, out, tokens_fallback)
+    state.step += 1
+    gn = engine.get_global_grad_norm()
+    gn = gn if gn is not None else own_norm
+    return StepResult(sums, counts, samples, tokens, float(gn) if gn is not None else float("nan"), stop_signum,
+                      batch, out, forward_flops)
+
+
+# --- The log window -----------------------------------------------------------------------------------
+
+DATA_WAIT_WARN = 0.2  # share of step time waiting for the loader past which the run warns (once)
+
+
+class LogWindow:
+    """The steps since the last metrics record: loss sums, samples, tokens and seconds waiting for
+    data, turned into one record (reduced over ranks) every ``train.log_every`` steps."""
+
+    def __init__(self, step_flops: float | None = None, peak_tflops: float = 1.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.step_flops = step_flops  # model FLOPs of one optimizer step on this rank
+        self.peak_tflops, self.clock = peak_tflops, clock
+        self.records = 0
+        self.warned = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.samples = self.tokens = self.steps = 0
+        self.wait_s = 0.0
+        self.start = self.clock()
+
+    def add_wait(self, seconds: float) -> None:
+        self.wait_s += seconds
+
+    def add(self, result: StepResult) -> None:
+        for k, v in result.loss_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + result.loss_counts[k]
+        self.samples += result.samples
+        self.tokens += result.tokens
+        self.steps += 1
+
+    def record(self, state: TrainState, *, epoch: float, lr: float, grad_norm: float) -> dict[str, Any]:
+        """The metrics record of this window (every rank calls it: the values are reduced over ranks);
+        the window starts again."""
+        elapsed = self.clock() - self.start
+        wait_share = D.all_reduce_sum(self.wait_s / elapsed) / D.world_size()
+        step_time = elapsed / max(self.steps, 1)
+        means = D.all_reduce_weighted_mean(self.sums, self.counts)
+        samples = D.all_reduce_sum(self.samples)
+        tokens = D.all_reduce_sum(self.tokens)
+        skipped = D.all_reduce_counts(state.skipped)
+        record = {"step": state.step, "epoch": epoch, **means, "lr": lr, "grad_norm": grad_norm,
+                  "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "step_time_s": step_time,
+                  "data_wait_share": wait_share,
+                  "mfu": (self.step_flops or 0.0) / step_time / (self.peak_tflops * 1e12), **skipped,
+                  "nonfinite_steps": state.nonfinite_total}
+        self.records += 1
+        if wait_share > DATA_WAIT_WARN and self.records > 1 and not self.warned and D.is_main():
+            self.warned = True  # the first window pays worker start-up, so it is not judged
+            log.warning("%.0f%% of step time is spent waiting for data (data_wait_share %.2f): raise "
+                        "data.num_workers, use repeated sampling (data.num_samples), or re-encode the "
+                        "videos for fast seeking (tools/prepare_videos.py)", 100 * wait_share, wait_share)
+        self.reset()
+        return record
+
+
+# --- Preemption ---------------------------------------------------------------------------------------
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR1 after checkpointing (EX_TEMPFAIL):
 # tools/slurm/train.sbatch requeues the job on it, and resume=auto continues.
@@ -281,8 +549,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
-    import deepspeed
-
     device = D.init_distributed()
     rank, world = D.rank(), D.world_size()
     out_dir = Path(cfg.output_dir)
@@ -299,15 +565,9 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     dataset = SeededDataset(build_dataset(cfg, "train", mcfg), seed)
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_from_cfg(name, mcfg)
-    init_report = None
-    if cfg.init_from:
-        init_report = load_init_weights(model, cfg.init_from, strict=cfg.init_strict, part=cfg.init_part)
-        if D.is_main():
-            log.info("init_from %s: missing %s, unexpected %s, position table %s", cfg.init_from,
-                     init_report["missing"], init_report["unexpected"], init_report.get("pos_embed", "-"))
-            (out_dir / "init_report.json").write_text(json.dumps({"init_from": cfg.init_from, **init_report}, indent=1))
-    if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+    init_report = _init_from(model, cfg, out_dir)
+    if cfg.train.grad_checkpointing:
+        _set_grad_checkpointing(model)
     # Dropout / drop-path draws differ between ranks (their samples differ too).
     torch.manual_seed(mix_seed(seed, rank, "train"))
 
@@ -316,31 +576,121 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     saved = read_train_state(candidates[0]) if candidates else None
     accum = resume_accum_steps(saved, cfg, world, str(candidates[0]) if candidates else "")
     elastic = saved is not None and int(saved.get("world_size", world)) != world
-    if elastic and hasattr(dataset, "make_batch_sampler"):
+    if elastic and _own_batch_sampler(dataset):
         raise ValueError(f"checkpoint {candidates[0]} was written by {saved['world_size']} processes; this data "
                          f"source's batch sampler keeps a position per rank, so it resumes on that many only")
     if elastic and D.is_main():
         log.info("resuming a checkpoint of %d processes on %d: %d accumulation steps keep its %d items per step",
                  saved["world_size"], world, accum, saved["global_batch"])
-    # A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards.
-    if hasattr(dataset, "make_batch_sampler"):
-        batch_sampler = dataset.make_batch_sampler(cfg.data.batch_size, world, rank, seed)
-    else:
-        batch_sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, world, rank, shuffle=True, seed=seed)
-    collate = MaskCollator(spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, seed=seed,
-                           collate=getattr(dataset, "collate_fn", collate_dicts))
-    loader_gen = torch.Generator()
-    loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        generator=loader_gen, pin_memory=device.type == "cuda", persistent_workers=False)
-    batch_sampler.set_epoch(0)
-    batches_per_epoch = len(batch_sampler)
-    if batches_per_epoch < accum:
-        raise ValueError(f"the dataset gives {batches_per_epoch} batches of {cfg.data.batch_size} per process, "
+    data = TrainData(cfg, dataset, spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, world=world, rank=rank,
+                     seed=seed, device=device, mixup=build_mixup(cfg, mcfg))
+    if data.batches_per_epoch < accum:
+        raise ValueError(f"the dataset gives {data.batches_per_epoch} batches of {cfg.data.batch_size} per process, "
                          f"fewer than {accum} accumulation steps; lower data.batch_size")
-    steps_per_epoch = batches_per_epoch // accum
+    steps_per_epoch = data.batches_per_epoch // accum
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.train.stop_at_step) if cfg.train.stop_at_step > 0 else total_steps
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else int(cfg.optim.warmup_epochs * steps_per_epoch)
-    base_lr = effective_lr(cfg, world, accum)
+    schedule = {"base_lr": effective_lr(cfg, world, accum), "min_lr": cfg.optim.min_lr, "warmup_steps": warmup,
+                "total_steps": total_steps}
+
+    universal = elastic and int(saved.get("zero_stage", 0)) > 0
+    engine = _build_engine(cfg, model, world, precision, accum, schedule["base_lr"],
+                           universal_from=candidates[0] if universal else None)
+    state = TrainState()
+    loaded = load_first_readable(engine, candidates[:1] if universal else candidates, universal=universal) \
+        if candidates else None
+    if loaded is not None:
+        resume_from, client_state = loaded
+        state = TrainState.from_dict(client_state, batch_size=cfg.data.batch_size, world_size=world,
+                                     where=str(resume_from))
+        if D.is_main():
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
+                     state.epoch_batches)
+
+    metrics = MetricsLogger(out_dir, enabled=D.is_main())
+    bar = None
+    if D.is_main() and cfg.train.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=state.step, desc=f"{name}", dynamic_ncols=True)
+    peak_tflops, peak_source = device_peak_tflops(device, precision)
+    if D.is_main():
+        log.info("mfu in metrics.jsonl is relative to %.1f TFLOP/s (%s)", peak_tflops, peak_source)
+    window = LogWindow(peak_tflops=peak_tflops)
+    ckpt = Checkpointer(engine, out_dir, cfg.train.keep_last, batch_size=cfg.data.batch_size, world_size=world,
+                        accum_steps=accum)
+    # DeepSpeed reports the gradient norm except with fp32 weights, no ZeRO and no clipping.
+    own_grad_norm = engine.zero_optimization_stage() == 0 and precision in ("fp32", "bf16") and not cfg.optim.clip_grad
+    tokens_fallback = _tokens_fallback(model)
+    last: StepResult | None = None
+    last_record: dict[str, Any] = {}
+    engine.train()
+    lr = _set_lr(engine, state.step, schedule)
+    with closing(data.batches(state, window.add_wait)) as batches:
+        while state.step < end_step:
+            lr = _set_lr(engine, state.step, schedule)
+            last = train_step(engine, batches, state, accum=accum, max_nonfinite=cfg.train.max_nonfinite,
+                              stop_flag=stop_flag, own_grad_norm=own_grad_norm, tokens_fallback=tokens_fallback,
+                              count_flops_first=window.step_flops is None)
+            if last.forward_flops is not None:  # a training step is ~3x its forward (backward ~2x)
+                window.step_flops = 3.0 * accum * last.forward_flops
+            window.add(last)
+            if bar is not None:
+                bar.update(1)
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                last_record = window.record(state, epoch=state.epoch + state.epoch_batches / data.batches_per_epoch,
+                                            lr=lr, grad_norm=last.grad_norm)
+                metrics.log(last_record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_record.get('loss', float('nan')):.4f}",
+                                    sps=f"{last_record['samples_per_s']:.1f}")
+            if cfg.train.vis_every and state.step % cfg.train.vis_every == 0 and D.is_main():
+                _save_picture(engine.module, last.batch, last.out, out_dir, state.step, metrics)
+            if state.step % cfg.train.ckpt_every == 0 and state.step < end_step:
+                ckpt.save(state)
+            # Every rank stops at the same step if any of them was signalled (agreed with the loss check).
+            if last.stop_signum and state.step < end_step:
+                path = ckpt.ensure(state)
+                metrics.close()
+                if bar is not None:
+                    bar.close()
+                if D.is_main():
+                    log.warning("%s received: checkpointed step %d to %s; resume=auto continues",
+                                signal.Signals(last.stop_signum).name, state.step, path)
+                raise Preempted(state.step, path, last.stop_signum)
+
+    if bar is not None:
+        bar.close()
+    path = ckpt.ensure(state)
+    if D.is_main() and last is not None:
+        _save_picture(engine.module, last.batch, last.out, out_dir, state.step, metrics)
+    weights = consolidated_state_dict(engine, path)
+    if D.is_main() and weights is not None:
+        save_safetensors(weights, out_dir / "model.safetensors")
+    metrics.close()
+    D.barrier()
+    return {"step": state.step, "last": last_record, "output_dir": str(out_dir), "checkpoints":
+            [str(p) for p in complete_checkpoints(out_dir)], "init_report": init_report}
+
+
+def _init_from(model: torch.nn.Module, cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
+    """``init_from`` weights loaded into ``model``; the report goes to ``init_report.json``."""
+    if not cfg.init_from:
+        return None
+    report = load_init_weights(model, cfg.init_from, strict=cfg.init_strict, part=cfg.init_part)
+    if D.is_main():
+        log.info("init_from %s: missing %s, unexpected %s, position table %s", cfg.init_from,
+                 report["missing"], report["unexpected"], report.get("pos_embed", "-"))
+        (out_dir / "init_report.json").write_text(json.dumps({"init_from": cfg.init_from, **report}, indent=1))
+    return report
+
+
+def _build_engine(cfg: DictConfig, model: torch.nn.Module, world: int, precision: str, accum: int, base_lr: float,
+                  *, universal_from: Path | None = None) -> Any:
+    """The DeepSpeed engine around ``model`` with AdamW over its parameter groups. ``universal_from``: a
+    ZeRO 1-3 checkpoint of another world size, whose optimizer state is split over the ranks that wrote
+    it; this run loads its universal form (converted once, on rank 0)."""
+    import deepspeed
 
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     for g in groups:
@@ -348,16 +698,12 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   fused=bool(cfg.optim.fused))
     ds_config = deepspeed_config(cfg, world, precision, accum)
-    # A ZeRO 1-3 checkpoint splits its optimizer state over the ranks that wrote it: another world
-    # size loads its universal form (converted once, on rank 0).
-    universal = elastic and int(saved.get("zero_stage", 0)) > 0
-    if universal:
+    if universal_from is not None:
         if D.is_main():
-            log.info("converting %s to DeepSpeed's universal checkpoint for %d processes", candidates[0], world)
-            to_universal(candidates[0])
+            log.info("converting %s to DeepSpeed's universal checkpoint for %d processes", universal_from, world)
+            to_universal(universal_from)
         D.barrier()
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-        candidates = candidates[:1]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if world == 1 and engine.zero_optimization_stage() == 0:
         # Nothing to average over one process; DeepSpeed would still flatten and copy every gradient
@@ -365,191 +711,15 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
         engine.enable_backward_allreduce = False
     if cfg.train.compile:
         engine.compile()
+    return engine
 
-    step, epoch, epoch_batches = 0, 0, 0
-    nonfinite_total = 0
-    # Unreadable inputs the datasets skipped, by batch counter (skipped_videos, skipped_images).
-    skipped: dict[str, int] = {}
-    loaded = load_first_readable(engine, candidates, universal=universal) if candidates else None
-    if loaded is not None:
-        resume_from, state = loaded
-        step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
-        if "epoch_samples" in state:  # the sampler's position is global: re-cut it for this world size
-            epoch_batches = int(state["epoch_samples"]) // (cfg.data.batch_size * world)
-        nonfinite_total = state.get("nonfinite_total", 0)
-        skipped.update(state.get("skipped", {}))
-        if D.is_main():
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, epoch_batches)
 
-    metrics = MetricsLogger(out_dir, enabled=D.is_main())
-    bar = None
-    if D.is_main() and cfg.train.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc=f"{name}", dynamic_ncols=True)
-    tokens_fallback = int(getattr(getattr(model, "encoder", None), "num_patches", 0))
-    mixup = build_mixup(cfg, mcfg)
-
-    acc: dict[str, float] = {}  # sums of loss parts over the log window, and how many steps gave each
-    acc_n: dict[str, int] = {}
-    window_samples = window_tokens = 0
-    window_start = time.perf_counter()
-    window_steps = 0
-    data_wait = {"s": 0.0}  # seconds this window spent waiting for the loader
-    step_flops: float | None = None  # model FLOPs of one optimizer step on this rank (counted once)
-    peak_tflops, peak_source = device_peak_tflops(device, precision)
-    if D.is_main():
-        log.info("mfu in metrics.jsonl is relative to %.1f TFLOP/s (%s)", peak_tflops, peak_source)
-    wait_warned = False
-    windows_logged = 0
-    consecutive_bad = 0
-    micro = 0
-    last_batch: dict[str, Any] | None = None
-    last_out: dict[str, Any] | None = None
-    last_record: dict[str, Any] = {}
-    last_ckpt: Path | None = None
-    saved_at = -1  # the step of the last checkpoint this invocation wrote
-    stop_signum = 0  # a stop signal any rank received, as agreed at the last micro-batch
-    grad_norm = float("nan")
-
-    def set_lr(s: int) -> float:
-        lr = lr_at(s, base_lr=base_lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, total_steps=total_steps)
-        for g in engine.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        return lr
-
-    def checkpoint_now() -> Path:
-        client = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches,
-                  "epoch_samples": epoch_batches * cfg.data.batch_size * world, "world_size": world,
-                  "global_batch": cfg.data.batch_size * accum * world, "zero_stage": engine.zero_optimization_stage(),
-                  "nonfinite_total": nonfinite_total, "skipped": dict(skipped)}
-        return save_checkpoint(engine, out_dir, step, client, cfg.train.keep_last)
-
-    # DeepSpeed reports the gradient norm except with fp32 weights, no ZeRO and no clipping.
-    measure_own_norm = engine.zero_optimization_stage() == 0 and precision in ("fp32", "bf16") and not cfg.optim.clip_grad
-    engine.train()
-    lr = set_lr(step)
-    end_step = min(total_steps, cfg.train.stop_at_step) if cfg.train.stop_at_step > 0 else total_steps
-    while step < end_step:
-        batch_sampler.set_epoch(epoch, start_batch=epoch_batches)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        collate.set_epoch(epoch)
-        loader_gen.manual_seed(mix_seed(seed, epoch, "workers"))
-        for batch in timed_batches(loader, data_wait):
-            epoch_batches += 1
-            for k, v in batch.items():
-                if k.startswith("skipped_") and isinstance(v, int):
-                    skipped[k] = skipped.get(k, 0) + v
-            batch = _batch_to(batch, device)
-            if mixup is not None:
-                batch = apply_mixup(mixup, batch)
-            if micro % accum == 0:
-                lr = set_lr(step)
-            if step_flops is None:
-                # Forward FLOPs of this micro-batch, once; a training step is ~3x (backward ~2x forward).
-                with torch.no_grad():
-                    step_flops = 3.0 * accum * count_flops(lambda: engine(batch), engine.module)
-            out = engine(batch)
-            loss = out["loss"]
-            # One collective per micro-batch agrees on both: a non-finite loss anywhere, a stop signal anywhere.
-            bad, signalled = D.all_reduce_max(0.0 if torch.isfinite(loss).all() else 1.0, float(stop_flag["signum"]))
-            finite, stop_signum = bad == 0.0, int(signalled)
-            if not finite:
-                # Every rank skips this batch (they agreed above), so DeepSpeed's counters stay aligned.
-                nonfinite_total += 1
-                consecutive_bad += 1
-                if D.is_main():
-                    log.warning("non-finite loss at step %d (%d in a row); batch skipped", step, consecutive_bad)
-                if consecutive_bad >= cfg.train.max_nonfinite:
-                    raise NonFiniteLossError(f"{consecutive_bad} consecutive non-finite losses at step {step} "
-                                             f"(train.max_nonfinite={cfg.train.max_nonfinite}); stopping")
-                continue
-            consecutive_bad = 0
-            engine.backward(loss)
-            own_norm = None
-            if measure_own_norm and (micro + 1) % accum == 0:
-                own_norm = _grad_norm(engine.module)  # grads are reduced and complete at the boundary
-            engine.step()
-            micro += 1
-            for k, v in out.items():
-                if k == "loss" or k.endswith("_loss"):
-                    acc[k] = acc.get(k, 0.0) + float(v.detach().float())
-                    acc_n[k] = acc_n.get(k, 0) + 1
-            window_samples += _batch_len(batch)
-            window_tokens += _tokens_in(batch, out, tokens_fallback)
-            last_batch, last_out = batch, out
-            if micro % accum != 0:
-                continue
-            step += 1
-            window_steps += 1
-            gn = engine.get_global_grad_norm()
-            gn = gn if gn is not None else own_norm
-            grad_norm = float(gn) if gn is not None else float("nan")
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                wait_share = D.all_reduce_sum(data_wait["s"] / elapsed) / world
-                step_time = elapsed / max(window_steps, 1)
-                means = D.all_reduce_weighted_mean(acc, acc_n)
-                samples = D.all_reduce_sum(window_samples)
-                tokens = D.all_reduce_sum(window_tokens)
-                skipped_all = D.all_reduce_counts(skipped)
-                last_record = {"step": step, "epoch": epoch + epoch_batches / batches_per_epoch, **means,
-                               "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
-                               "tokens_per_s": tokens / elapsed, "step_time_s": step_time,
-                               "data_wait_share": wait_share,
-                               "mfu": (step_flops or 0.0) / step_time / (peak_tflops * 1e12), **skipped_all,
-                               "nonfinite_steps": nonfinite_total}
-                metrics.log(last_record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", sps=f"{samples / elapsed:.1f}")
-                windows_logged += 1
-                if wait_share > DATA_WAIT_WARN and windows_logged > 1 and not wait_warned and D.is_main():
-                    wait_warned = True  # the first window pays worker start-up, so it is not judged
-                    log.warning("%.0f%% of step time is spent waiting for data (data_wait_share %.2f): raise "
-                                "data.num_workers, use repeated sampling (data.num_samples), or re-encode the "
-                                "videos for fast seeking (tools/prepare_videos.py)", 100 * wait_share, wait_share)
-                acc, acc_n, window_samples, window_tokens = {}, {}, 0, 0
-                window_steps, data_wait["s"] = 0, 0.0
-                window_start = time.perf_counter()
-            if cfg.train.vis_every and step % cfg.train.vis_every == 0 and D.is_main():
-                _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
-            if step % cfg.train.ckpt_every == 0 and step < end_step:
-                last_ckpt, saved_at = checkpoint_now(), step
-            # Every rank stops at the same step if any of them was signalled (agreed with the loss check).
-            signum = stop_signum
-            if signum and step < end_step:
-                if saved_at != step:
-                    last_ckpt, saved_at = checkpoint_now(), step
-                metrics.close()
-                if bar is not None:
-                    bar.close()
-                if D.is_main():
-                    log.warning("%s received: checkpointed step %d to %s; resume=auto continues",
-                                signal.Signals(signum).name, step, last_ckpt)
-                raise Preempted(step, last_ckpt, signum)
-            if step >= end_step:
-                break
-        else:
-            epoch += 1
-            epoch_batches = 0
-            continue
-        break
-
-    if bar is not None:
-        bar.close()
-    if last_ckpt is None or saved_at != step:
-        last_ckpt, saved_at = checkpoint_now(), step
-    if D.is_main() and last_batch is not None:
-        _save_picture(engine.module, last_batch, last_out, out_dir, step, metrics)
-    state = consolidated_state_dict(engine, last_ckpt)
-    if D.is_main() and state is not None:
-        save_safetensors(state, out_dir / "model.safetensors")
-    metrics.close()
-    D.barrier()
-    return {"step": step, "last": last_record, "output_dir": str(out_dir), "checkpoints":
-            [str(p) for p in complete_checkpoints(out_dir)], "init_report": init_report}
+def _set_lr(engine: Any, step: int, schedule: dict[str, Any]) -> float:
+    """Set the learning rate of ``step`` (warmup then cosine) on every group (scaled by its lr_scale)."""
+    lr = lr_at(step, **schedule)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
 
 
 def _save_picture(model: torch.nn.Module, batch: dict[str, Any] | None, out: dict[str, Any] | None,
