@@ -490,6 +490,81 @@ def test_simmim_finetuned_vit_with_block_tables_gives_the_reference_logits() -> 
         assert torch.allclose(model({"image": x})["logits"], ref, atol=1e-5)
 
 
+def sin_table(window: int, heads: int = HEADS) -> torch.Tensor:
+    """A fixed relative position table of a window x window grid: sin(0.7 k), k = 0, 1, ... row-major."""
+    rows = (2 * window - 1) ** 2 + 3
+    return torch.sin(torch.arange(rows * heads, dtype=torch.float64) * 0.7).reshape(rows, heads).float()
+
+
+# microsoft/SimMIM utils.py remap_pretrained_keys_vit, run as written (scipy 1.13.1's interp2d, kind="cubic")
+# on sin_table(src, 2) resized to a dst x dst grid: q, the outermost source offset, and rows of the new
+# table by (dy, dx), i.e. row (dy + dst - 1) * (2 dst - 1) + (dx + dst - 1).
+REF_REL_POS = {
+    (7, 10): (1.1609931755065919, 9.0000038, {(0, 0): (-0.9780883, -0.8822032), (1, 0): (-0.6529826, -0.9873416),
+                                              (4, -7): (1.0111843, 0.7928605), (-9, 9): (-0.8875660, -0.9756281),
+                                              (9, 9): (0.4072599, -0.2768832), (2, 3): (0.6344090, 0.9741947),
+                                              (-5, -1): (-0.5734786, 0.0890797)}),
+    # 1 + q + q^2 = 5 has q = 1.56 > 1.5: q stays at the bracket's edge and the target offsets +-5 lie past
+    # the outermost source offset +-4.75, where interp2d clamps to the edge.
+    (4, 6): (1.49999906539917, 4.7499962, {(5, 5): (-0.9413315, -0.9373828), (-5, 0): (-0.8715758, -0.9824526),
+                                           (4, -3): (-2.0035734, -0.3310184), (0, 2): (-1.0136323, -0.9225791)}),
+}
+
+
+def test_relative_position_table_resize_is_simmims_geometric_bicubic() -> None:
+    from mmmae.weights.relpos import geometric_ratio, interpolate_rel_pos_table, source_offsets
+    # 224 -> 384 px at patch 16 (14x14 -> 24x24 grid): the ratio the reference's comment names, 1.090307.
+    assert geometric_ratio(27, 47) == pytest.approx(1.0903074455261228, abs=1e-12)
+    for (src, dst), (q, outer, rows) in REF_REL_POS.items():
+        assert geometric_ratio(2 * src - 1, 2 * dst - 1) == pytest.approx(q, abs=1e-12)
+        offsets = source_offsets(2 * src - 1, q)
+        assert offsets[src - 1] == 0 and offsets[src] == 1 and float(offsets[-1]) == pytest.approx(outer, abs=1e-6)
+        table = sin_table(src)
+        new = interpolate_rel_pos_table(table, dst)
+        assert new.shape == ((2 * dst - 1) ** 2 + 3, HEADS) and new.dtype == torch.float32
+        assert torch.equal(new[-3:], table[-3:])  # the [cls] rows are kept
+        for (dy, dx), values in rows.items():
+            row = (dy + dst - 1) * (2 * dst - 1) + dx + dst - 1
+            assert new[row].tolist() == pytest.approx(values, abs=2e-7), (src, dst, dy, dx)
+    with pytest.raises(ValueError, match="at least a 3x3 grid"):
+        interpolate_rel_pos_table(sin_table(2), 4)  # FITPACK's bicubic spline needs 4 nodes per axis
+
+
+def test_simmim_tables_load_at_another_grid() -> None:
+    """A 4x4-grid checkpoint (32 px, patch 8) fine-tuned at 48 px (6x6): per-block tables (SimMIM /
+    BEiT fine-tuned) and the shared pretraining table (copied into every block first) are resized."""
+    rows = (2 * 4 - 1) ** 2 + 3
+    keys = [("cls_token", (1, 1, D)), ("patch_embed.proj.weight", (D, 3, P, P)), ("patch_embed.proj.bias", (D,))]
+    keys += blocks("blocks.", DEPTH, D, HIDDEN, bias="qv", gamma=True, table_rows=rows)
+    keys += [("fc_norm.weight", (D,)), ("fc_norm.bias", (D,)), ("head.weight", (K, D)), ("head.bias", (K,))]
+    finetuned = fill(keys, seed=9)
+    pretrain = simmim_pretrain_state()
+    for i in range(DEPTH):
+        finetuned[f"blocks.{i}.attn.relative_position_bias_table"] = sin_table(4)
+        finetuned[f"blocks.{i}.attn.relative_position_index"] = beit_relative_position_index(4, 4)
+    pretrain["encoder.rel_pos_bias.relative_position_bias_table"] = sin_table(4)
+    _, _, figures = REF_REL_POS[(4, 6)]
+    for state, part in ((finetuned, "all"), (pretrain, "auto")):
+        model = ours("classifier", img_size=48, num_classes=K, rel_pos_bias="block", pos_embed="none",
+                     qkv_bias="qv", init_values=0.1)
+        rep = weights.load(model, state, part=part)
+        assert rep.ok
+        for i, blk in enumerate(model.encoder.blocks):
+            key = f"encoder.blocks.{i}.attn.relative_position_bias_table"
+            assert rep.interpolated[key] == {"from_grid": [4, 4], "to_grid": [6, 6]}
+            table = blk.attn.relative_position_bias_table.detach()
+            for (dy, dx), values in figures.items():
+                assert table[(dy + 5) * 11 + dx + 5].tolist() == pytest.approx(values, abs=2e-7)
+            assert blk.attn.relative_position_index.shape == (37, 37)  # rebuilt for [cls] + 6x6
+        with torch.no_grad():
+            assert torch.isfinite(model({"image": image(size=48)})["logits"]).all()
+    small = ours("classifier", img_size=16, num_classes=K, rel_pos_bias="block", pos_embed="none", qkv_bias="qv",
+                 init_values=0.1)
+    with pytest.raises(weights.WeightsError, match=r"blocks\.0\.attn\.relative_position_bias_table"):
+        weights.load(ours("classifier", num_classes=K, rel_pos_bias="block", pos_embed="none", qkv_bias="qv",
+                          init_values=0.1), {k: v for k, v in small.state_dict().items()})
+
+
 # ---------------------------------------------------------------------- mmmae runs and DeepSpeed
 
 
@@ -521,6 +596,37 @@ def test_deepspeed_checkpoint_folders(stage: int, tmp_path: Path, dist_group: No
     rep = weights.load(dst, tmp_path)  # the run folder: its newest complete checkpoint
     assert rep.ok and rep.source.endswith("step_00000001")
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in ref.items())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_1_and_2_folders_give_the_fp32_master_weights(stage: int, tmp_path: Path,
+                                                                     dist_group: None) -> None:
+    """ZeRO-1/2 in DeepSpeed's bf16 mode, after one step: the folder's module file holds bf16 weights, the
+    fp32 masters live in the optimizer partitions (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt); the
+    load gives the masters, as DeepSpeed's own safe_get_full_fp32_param reads them from the live engine."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    src = ours("mae")
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True},
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=src, optimizer=torch.optim.AdamW(src.parameters(), lr=1e-3),
+                                      config=cfg)
+    engine.backward(engine({"image": image().bfloat16()})["loss"])
+    engine.step()
+    masters = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+    (folder / "COMPLETE").write_text("{}")
+    assert (folder / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    module = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    qkv = "encoder.blocks.0.attn.qkv.weight"
+    assert module[qkv].dtype == torch.bfloat16 and not torch.equal(module[qkv].float(), masters[qkv])
+    for where in (folder, tmp_path):
+        dst = mmmae.create_model("mae", size="vit_tiny_test", img_size=IMG, patch_size=P)
+        rep = weights.load(dst, where)
+        assert rep.ok and rep.layout == "mmmae" and rep.source.endswith("step_00000001")
+        got = dst.state_dict()
+        assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v) for k, v in masters.items())
 
 
 # --------------------------------------------------------------------------- init_from and errors

@@ -16,7 +16,9 @@ Generic rules, each from a reference:
 - A 2-D patch kernel into a 3-D tubelet embedding is inflated: repeated over the tubelet and divided
   by its length (BEVT / I3D), so a static clip gives the image's tokens.
 - A shared relative position bias table is copied into every block of a per-block model (SimMIM
-  utils.py ``remap_pretrained_keys_vit``).
+  utils.py ``remap_pretrained_keys_vit``). A relative position table of another (square) grid is
+  resized as that function does: offsets on a geometric progression, bicubic spline, the three [cls]
+  rows kept (:mod:`mmmae.weights.relpos`); the index buffers are rebuilt from the model's grid.
 - q/v biases <-> a fused qkv bias with a zero k part (BEiT / VideoMAE's ``q_bias, 0, v_bias``).
 - A multimodal (M3AE) encoder into a vision-only one: the image type embedding is folded into the
   patch bias and the text tower is left out (``mmmae.heads.vision_encoder_state``).
@@ -44,6 +46,7 @@ from torch import nn
 from mmmae.layers.pos_embed import interpolate_pos_table, pos_table
 from mmmae.weights.io import Source, read_source
 from mmmae.weights.layouts import LAYOUTS, Converted, PosTable, convert, variant
+from mmmae.weights.relpos import NUM_EXTRA_TOKENS, interpolate_rel_pos_table
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,7 @@ def load_converted(model: nn.Module, c: Converted, src: Source, *, part: str, st
     _vision_from_multimodal(state, own, rep)
     _inflate(state, own, rep)
     _shared_to_block_tables(state, own, rep)
+    _rel_pos_tables(model, state, own, rep)
     _qkv_bias(state, own, rep, unsupported)
     _tables(model, c.tables, state, own, rep, unsupported, source_grid)
     rep.part = _resolve_part(model, part, state, own)
@@ -189,6 +193,29 @@ def _shared_to_block_tables(state: dict[str, torch.Tensor], own: dict[str, torch
     for k in blocks:
         state[k] = table.clone()
         rep.converted[k] = f"copy of the shared table {shared} (SimMIM remap_pretrained_keys_vit)"
+
+
+def _rel_pos_tables(model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                    rep: LoadReport) -> None:
+    """Relative position tables (R, heads) of another grid -> the model's grid (SimMIM
+    remap_pretrained_keys_vit); a table whose head count differs stays a wrong-shape key."""
+    for k in [k for k in state if k.endswith("relative_position_bias_table") and k in own]:
+        src, dst = state[k], own[k]
+        if src.shape == dst.shape or src.ndim != 2 or dst.ndim != 2 or src.shape[1] != dst.shape[1]:
+            continue
+        window = getattr(model.get_submodule(k.rsplit(".", 1)[0]), "window_size", None)
+        if window is None or window[0] != window[1]:
+            raise WeightsError(f"{rep.source}: {k}: the model's relative position grid {window} is not square; "
+                               f"the reference (SimMIM remap_pretrained_keys_vit) resizes square grids only")
+        try:
+            state[k] = interpolate_rel_pos_table(src, window[0])
+        except ValueError as e:
+            raise WeightsError(f"{rep.source}: {k}: {e}") from None
+        side = (int(round((src.shape[0] - NUM_EXTRA_TOKENS) ** 0.5)) + 1) // 2
+        rep.interpolated[k] = {"from_grid": [side, side], "to_grid": list(window)}
+        why = (f"resized {side}x{side} -> {window[0]}x{window[1]} (geometric offsets, bicubic spline; "
+               "SimMIM remap_pretrained_keys_vit)")
+        rep.converted[k] = f"{rep.converted[k]}, then {why}" if k in rep.converted else why
 
 
 def _qkv_bias(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], rep: LoadReport,
