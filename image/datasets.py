@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mmmae.data.quality import ReadFailures
-from mmmae.data.registry import register_dataset
+from mmmae.data.registry import DataCfg, register_dataset
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,29 @@ class SyntheticImages(Dataset):
         return {"image": img, "label": index % self.num_classes, "index": index}
 
 
-def _image_transform(cfg, model_cfg):  # noqa: ANN001, ANN202 - cfg is the loaded TrainCfg
+@dataclass
+class ImageAugCfg(DataCfg):
+    hflip: bool = True
+    min_scale: float = 0.2  # RandomResizedCrop lower scale (MAE's pretraining recipe)
+
+
+@dataclass
+class SyntheticCfg(DataCfg):
+    length: int = 256  # images per split
+
+
+@dataclass
+class ImageFolderCfg(ImageAugCfg):
+    root: str = ""  # train images: root/class_x/*.jpg, or a flat folder (label -1)
+    val_root: str = ""  # evaluation images (default: root)
+
+
+@dataclass
+class FashionMNISTCfg(ImageAugCfg):
+    root: str = "/usr/share/datasets/fashion-mnist"  # the idx files (Debian's dataset-fashion-mnist)
+
+
+def _image_transform(cfg, model_cfg):  # noqa: ANN001, ANN202 - cfg is the loaded training config
     from mmmae.data.transforms import mae_train_transform
     return mae_train_transform(model_cfg.img_size, scale=(cfg.data.min_scale, 1.0), hflip=cfg.data.hflip)
 
@@ -146,22 +169,21 @@ def _limited(ds: Dataset, limit: int) -> Dataset:
     return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit else ds
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", SyntheticCfg, "image")
 def _build_synthetic(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
     return SyntheticImages(cfg.data.length, model_cfg.img_size, seed=0 if split == "train" else 1)
 
 
-@register_dataset("image_folder")
+@register_dataset("image_folder", ImageFolderCfg, "image")
 def _build_image_folder(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
-    root = cfg.data.root if split == "train" else (cfg.data.val_list or cfg.data.root)
+    root = cfg.data.root if split == "train" else (cfg.data.val_root or cfg.data.root)
     from mmmae.data.transforms import eval_transform
     tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size)
     return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction, replace=split == "train"), cfg.data.limit)
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", FashionMNISTCfg, "image")
 def _build_fashion_mnist(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
-    root = cfg.data.root or "/usr/share/datasets/fashion-mnist"
     from mmmae.data.transforms import eval_transform
     tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size, crop_pct=1.0)
-    return FashionMNIST(root, "train" if split == "train" else "test", tf, limit=cfg.data.limit)
+    return FashionMNIST(cfg.data.root, "train" if split == "train" else "test", tf, limit=cfg.data.limit)

@@ -82,6 +82,6 @@ def _mae_mask_fn(cfg: MAECfg) -> MaskFn:
 
 
 # MAE keeps one decoder (512 wide, 8 blocks, 16 heads) for ViT-B/L/H (facebookresearch/mae models_mae.py).
-@register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn, size_recipe={"vit_tiny_test": TEST_DECODER})
+@register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn, takes=("image",), size_recipe={"vit_tiny_test": TEST_DECODER})
 def _build_mae(cfg: MAECfg) -> MAE:
     return MAE(cfg)

@@ -1,17 +1,22 @@
-"""Typed training configuration: dataclass schemas, strict YAML loading, dotted overrides, dump.
+"""Typed training configuration, merged once: dataclass schemas, strict YAML loading, dotted overrides, dump.
 
 Precedence: dataclass defaults < ``--config`` YAML (and the YAML it names as ``base``) < ``key=value``
-overrides. Every key is checked against the schema before any work starts: an unknown key is an error
-naming the dotted key and the nearest valid one; a wrong type is an error naming the key. The
-``model`` block is checked against the chosen method's own dataclass; the ``ds`` block is DeepSpeed's
-config, passed through (DeepSpeed validates it). The loaded config is read-only; derived values
-(effective lr, DeepSpeed batch fields) come from functions, never from writing back.
+overrides. :func:`load_config` reads ``model.name`` and ``data.dataset`` first, then builds one
+structured config from that method's config class (mmmae.registry) and that source's data class
+(mmmae.data.registry), so every key is checked against what applies before any work starts: a key
+the method or source lacks is an error naming the dotted key and the nearest valid one; a wrong type
+is an error naming the key; a source whose input the method does not take is an error naming both.
+A value both sides need (frames, text length, image size) lives once, in ``model``. The ``ds``
+block is DeepSpeed's config, passed through (fields the training config owns must agree with it).
+The loaded config is read-only; derived values (effective lr, DeepSpeed batch fields) come from
+functions, never from writing back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +26,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmmae.data.registry import get_source, list_sources, views_per_item
 from mmmae.registry import get_spec, resolve_model_cfg
 
 
@@ -28,52 +34,9 @@ class ConfigError(ValueError):
     """A config problem, with the dotted key and what was expected."""
 
 
-@dataclass
-class DataCfg:
-    # Which source to read; each method package registers its own (see mmmae.data.registry).
-    dataset: str = "synthetic"
-    root: str = ""  # images / videos folder, or the prefix for paths in the lists
-    train_list: str = ""  # video annotation list ("path label" lines or CSV)
-    val_list: str = ""
-    class_list: str = ""  # one class name per line, for lists that name classes
-    captions: str = ""  # caption file (COCO json, Karpathy json, CSV/JSONL, tar shards)
-    images: str = ""  # image folder for the caption file
-    val_captions: str = ""
-    val_images: str = ""
-    image_root: str = ""  # second stream for joint image+video methods (OmniMAE, BEVT)
-    image_dataset: str = ""
-    image_ratio: float = 0.5  # share of steps that draw the image stream in joint training
-    backend: str = "auto"  # video decoding: auto (torchcodec > decord > pyav, the first usable) | torchcodec | decord | pyav
-    decode_device: str = "cpu"  # cpu | cuda (GPU decoding, torchcodec only; needs data.num_workers=0)
-    num_frames: int = 16
-    sampling_rate: int = 4
-    num_samples: int = 1  # repeated sampling: views per decoded video
-    short_clip: str = "loop"  # clips shorter than the sampled span: loop or pad (clip_rule fit only)
-    sampling: str = "auto"  # dense | segment (TSN-style) | auto: segment for an ssv2 classifier, else dense
-    clip_rule: str = "videomae"  # dense clip placement: videomae (the reference's) | fit (mmmae's earlier rule)
-    repeat_mode: str = "shared_window"  # num_samples views share frames (VideoMAE/v2) | independent (MAE-ST)
-    num_clips: int = 5  # test views (temporal clips x spatial crops)
-    num_crops: int = 3
-    max_bad_fraction: float = 0.1
-    batch_size: int = 8  # micro batch per process
-    num_workers: int = 2
-    limit: int = 0  # use only the first N items (debugging, tiny configs)
-    hflip: bool = True
-    min_scale: float = 0.2  # RandomResizedCrop lower scale
-    rand_augment: str = ""  # fine-tuning: timm RandAugment spec, e.g. rand-m7-n4-mstd0.5-inc1 ("" = off)
-    erase_prob: float = 0.0  # fine-tuning: random erasing probability per frame (VideoMAE: 0.25)
-    caption_mode: str = "all"  # all: one pair per caption; random: one caption per image per epoch
-    # Statistics the caption data's transform (captions source, retrieval, extraction) normalises
-    # images with: cc12m, imagenet, none, or auto: cc12m for data.dataset=captions (m3ae_public
-    # ImageTextDataset's default), imagenet for any other source (its ImageNet datasets' default)
-    caption_image_norm: str = "auto"
-    length: int = 256  # synthetic source size
-
-
-@dataclass
-class TextCfg:
-    tokenizer: str = "openclip"
-    max_len: int = 64
+# Keys that moved when each value came to be given once.
+MOVED_KEYS = {"data.num_frames": "model.num_frames", "text.max_len": "model.max_len",
+              "text.tokenizer": "model.tokenizer", "train.label_smoothing": "model.label_smoothing"}
 
 
 @dataclass
@@ -120,15 +83,16 @@ class TrainCfg:
     init_from: str = ""  # weights to start from, any layout mmmae.weights reads (run, DeepSpeed, official, timm, HF)
     init_strict: bool = True  # false: load what fits init_from and report the rest (missing / unexpected keys)
     init_part: str = "auto"  # auto (classifiers: the encoder; pretraining models: all), all, or encoder
-    model: dict = field(default_factory=lambda: {"name": "mae"})
-    data: DataCfg = field(default_factory=DataCfg)
-    text: TextCfg = field(default_factory=TextCfg)
+    # The method's config class (mmmae.registry) plus ``name`` and ``size``, and the source's data
+    # class (mmmae.data.registry), chosen by model.name and data.dataset when the config is loaded.
+    model: Any = None
+    data: Any = None
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: LoopCfg = field(default_factory=LoopCfg)
     ds: dict = field(default_factory=lambda: {"zero_optimization": {"stage": 0}})
 
 
-FREE_FORM = {"ds"}  # passed through to DeepSpeed
+DEFAULT_METHOD, DEFAULT_SOURCE = "mae", "synthetic"
 
 
 def find_config(name: str) -> Path:
@@ -148,9 +112,16 @@ def find_config(name: str) -> Path:
                             f"(packaged: {', '.join(available)})")
 
 
+def _block_name(node: Any, block: str, key: str) -> Any:
+    sub = node.get(block) if isinstance(node, DictConfig) else None
+    return sub.get(key) if isinstance(sub, DictConfig) else None
+
+
 def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Load a YAML; a top-level ``base: other.yaml`` is loaded first and this file merged over it
-    (the ``model`` block too, unless this file names a different ``model.name``)."""
+    """Load a YAML; a top-level ``base: other.yaml`` is loaded first and this file merged over it.
+    A file that names another method (``model.name``) starts its model block afresh, and one that
+    names another source (``data.dataset``) keeps only the base's data fields that source has: the
+    other method's or source's fields would not fit."""
     if path.resolve() in seen:
         raise ConfigError(f"config inheritance loops through {path}")
     node = OmegaConf.load(path)
@@ -161,15 +132,28 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         return node
     base_path = (path.parent / base) if (path.parent / base).is_file() else find_config(base)
     parent = _load_yaml_chain(base_path, seen + (path.resolve(),))
-    # A config that switches method (e.g. a classifier on top of a pretraining recipe) starts its
-    # model block afresh: the other method's fields would not fit.
-    child_name = node.get("model", {}).get("name") if isinstance(node.get("model"), DictConfig) else None
-    if child_name and parent.get("model") is not None and parent.model.get("name") != child_name:
+    name = _block_name(node, "model", "name")
+    if name and _block_name(parent, "model", "name") != name:
         parent.pop("model")
+    dataset = _block_name(node, "data", "dataset")
+    if dataset and (_block_name(parent, "data", "dataset") or DEFAULT_SOURCE) != dataset:
+        try:
+            fits = {f.name for f in dataclasses.fields(get_source(dataset).cfg_cls)}
+        except KeyError as e:
+            raise ConfigError(f"{path}: data.dataset: {e.args[0]}") from None
+        parent.data = {k: v for k, v in parent.data.items() if k in fits}
     return OmegaConf.merge(parent, node)  # type: ignore[return-value]
 
 
-def _check_keys(node: Any, schema: type, prefix: str) -> None:
+def _unknown(dotted: str, valid: Sequence[str], prefix: str, where: str = "") -> ConfigError:
+    if dotted in MOVED_KEYS:
+        return ConfigError(f"config key {dotted!r} is now {MOVED_KEYS[dotted]!r} (each value is given once)")
+    near = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], list(valid), n=1)
+    hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+    return ConfigError(f"unknown config key {dotted!r}{where}{hint}")
+
+
+def _check_keys(node: Any, schema: type, prefix: str, where: str = "") -> None:
     """Reject keys the schema lacks, naming the dotted key and the nearest valid key."""
     if not isinstance(node, (dict, DictConfig)):
         return
@@ -177,13 +161,71 @@ def _check_keys(node: Any, schema: type, prefix: str) -> None:
     for key in node:
         dotted = f"{prefix}{key}"
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
-            raise ConfigError(f"unknown config key {dotted!r}{hint}")
-        ftype = fields[key].type
-        sub = next((t for t in (DataCfg, TextCfg, OptimCfg, LoopCfg) if t.__name__ == str(ftype)), None)
+            if isinstance(node[key], (dict, DictConfig)):  # a block that moved: name its first key's new home
+                dotted = next((f"{dotted}.{k}" for k in node[key] if f"{dotted}.{k}" in MOVED_KEYS), dotted)
+            raise _unknown(dotted, list(fields), prefix, where)
+        sub = next((t for t in (OptimCfg, LoopCfg) if t.__name__ == str(fields[key].type)), None)
         if sub is not None:
             _check_keys(node[key], sub, f"{dotted}.")
+
+
+@functools.cache
+def _model_block_cls(cfg_cls: type) -> type:
+    """The ``model`` block's schema: the method's config class plus ``name`` and ``size``."""
+    return dataclasses.make_dataclass(f"{cfg_cls.__name__}Block", [("name", str, ""), ("size", str, "")],
+                                      bases=(cfg_cls,))
+
+
+def _model_node(layers: list[DictConfig]) -> DictConfig:
+    """The merged ``model`` blocks, resolved once (defaults < size preset < method recipe < values)."""
+    blocks = [OmegaConf.to_container(layer.model, resolve=True) for layer in layers
+              if isinstance(layer.get("model"), DictConfig)]
+    values: dict[str, Any] = {}
+    for b in blocks:
+        values.update(b)  # type: ignore[arg-type]
+    name = values.pop("name", None) or DEFAULT_METHOD
+    size = values.pop("size", None) or ""
+    try:
+        spec = get_spec(name)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from None
+    fields = [f.name for f in dataclasses.fields(spec.cfg_cls)]
+    for key in values:
+        if key not in fields:
+            raise _unknown(f"model.{key}", fields, "model.", f" (method {name!r})")
+    try:
+        resolved = resolve_model_cfg(name, size or None, **values)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model block: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    block = _model_block_cls(spec.cfg_cls)(name=name, size=size, **dataclasses.asdict(resolved))
+    return OmegaConf.structured(block)
+
+
+def _data_node(layers: list[DictConfig]) -> DictConfig:
+    """The merged ``data`` blocks on the chosen source's schema."""
+    blocks = [layer.data for layer in layers if isinstance(layer.get("data"), DictConfig)]
+    name = next((b.dataset for b in reversed(blocks) if b.get("dataset")), DEFAULT_SOURCE)
+    try:
+        source = get_source(name)
+    except KeyError as e:
+        raise ConfigError(f"data.dataset: {e.args[0]}") from None
+    for b in blocks:
+        _check_keys(b, source.cfg_cls, "data.", f" (data.dataset {name!r})")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(source.cfg_cls), *blocks)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid value for config key 'data.{getattr(e, 'key', None)}': "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+def check_input(method: str, mcfg: Any, dataset: str) -> None:
+    """The source must yield what the method takes (e.g. ``mae`` reads images, not videos)."""
+    takes = get_spec(method).takes(mcfg)
+    gives = get_source(dataset).provides
+    if gives not in takes:
+        fits = [n for n in list_sources() if get_source(n).provides in takes]
+        raise ConfigError(f"model {method!r} takes {' or '.join(takes)} input, but data.dataset={dataset!r} yields "
+                          f"{gives}; sources that fit: {', '.join(fits) or 'none'}")
 
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -199,15 +241,16 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
         # OmegaConf would read it as null, which a str field rejects.
         layers.append(OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides]))
     for layer in layers:
-        _check_keys(layer, TrainCfg, "")
+        _check_keys({k: v for k, v in layer.items() if k not in ("model", "data")}, TrainCfg, "")
+    model, data = _model_node(layers), _data_node(layers)
+    rest = [OmegaConf.masked_copy(layer, [k for k in layer if k not in ("model", "data")]) for layer in layers]
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainCfg), *layers)
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainCfg), *rest)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"invalid value for config key {key!r}: {str(e).splitlines()[0]}") from None
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model, dict)
-    model_cfg(model)  # validates the model block against the method's schema
+    cfg.model, cfg.data = model, data
+    check_input(model.name, model_cfg(model), data.dataset)
     OmegaConf.set_readonly(cfg, True)
     OmegaConf.set_struct(cfg, True)
     return cfg  # type: ignore[return-value]
@@ -228,7 +271,7 @@ def model_cfg(model: Any) -> Any:
     name = block.pop("name", None)
     if not name:
         raise ConfigError("the model block needs a name (model.name), e.g. mae")
-    size = block.pop("size", None)
+    size = block.pop("size", None) or None
     try:
         get_spec(name)
     except KeyError as e:
@@ -249,7 +292,7 @@ def global_batch_size(cfg: DictConfig, world_size: int, accum_steps: int | None 
     """Samples per optimizer step: items per batch x repeated views x accumulation x processes
     (``accum_steps`` replaces ``train.accum_steps`` when a resume on another world size adjusts it)."""
     accum = cfg.train.accum_steps if accum_steps is None else accum_steps
-    return cfg.data.batch_size * max(cfg.data.num_samples, 1) * accum * world_size
+    return cfg.data.batch_size * views_per_item(cfg.data) * accum * world_size
 
 
 def effective_lr(cfg: DictConfig, world_size: int, accum_steps: int | None = None) -> float:
@@ -263,5 +306,5 @@ def effective_lr(cfg: DictConfig, world_size: int, accum_steps: int | None = Non
         return float(cfg.optim.lr)
     batch = global_batch_size(cfg, world_size, accum_steps)
     if not cfg.optim.lr_counts_repeats:
-        batch //= max(cfg.data.num_samples, 1)
+        batch //= views_per_item(cfg.data)
     return float(cfg.optim.blr) * batch / 256

@@ -209,7 +209,7 @@ class Classifier(EncoderModel):
         return out
 
 
-@register_model("classifier", ClassifierCfg)
+@register_model("classifier", ClassifierCfg, takes=lambda cfg: ("video",) if cfg.num_frames else ("image",))
 def _build_classifier(cfg: ClassifierCfg) -> Classifier:
     return Classifier(cfg)
 

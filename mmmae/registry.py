@@ -1,6 +1,7 @@
-"""MODELS: method name -> (config dataclass, builder, mask maker, size recipe).
+"""MODELS: method name -> its spec (config dataclass, builder, mask maker, size recipe, inputs).
 
-A method registers once; encoder sizes are data (``configs/sizes/*.yaml``) and describe the encoder
+A method registers once, and the engine and tools use only its spec and the model contract
+(:class:`mmmae.heads.EncoderModel`); encoder sizes are data (``configs/sizes/*.yaml``) and describe the encoder
 only (``PRESET_KEYS``). What a size means for the rest of a method (VideoMAE's decoder narrows with the
 encoder, MAE's does not) is that method's own ``size_recipe``. ``create_model(name, size=...,
 **overrides)`` resolves defaults < size preset < the method's recipe for that size < overrides,
@@ -29,23 +30,30 @@ MaskFn = Callable[..., dict[str, torch.Tensor]]
 PRESET_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
+# What a method reads, matched against what a data source yields (mmmae.data.registry.INPUT_KINDS).
+Takes = Callable[[Any], tuple[str, ...]]
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class MethodSpec:
     name: str
-    cfg_cls: type
-    build: Callable[[Any], nn.Module]
+    cfg_cls: type  # the model block's dataclass
+    build: Callable[[Any], nn.Module]  # cfg -> a model meeting the contract of mmmae.heads.EncoderModel
+    # The input kinds the method reads, given its config (a classifier reads videos when it has frames).
+    takes: Takes
     # Makes the batch's masks in the data pipeline: (batch_size, generator) -> {"mask": (B, L) bool, ...}.
     make_mask_fn: Callable[[Any], MaskFn] | None = None
     # Size preset name -> the method's own fields for that encoder size (e.g. decoder widths).
     size_recipe: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
-MODELS: dict[str, ModelSpec] = {}
+MODELS: dict[str, MethodSpec] = {}
 
 
 def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskFn] | None = None, *,
-                   size_recipe: dict[str, dict[str, Any]] | None = None
+                   takes: tuple[str, ...] | Takes, size_recipe: dict[str, dict[str, Any]] | None = None
                    ) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
+    """Register a method: ``@register_model("mae", MAECfg, mask_fn, takes=("image",))`` over its builder."""
     def deco(build: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
@@ -54,7 +62,8 @@ def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskF
             stray = sorted(set(values) - fields)
             if stray:
                 raise ValueError(f"model {name!r}: size recipe {size!r} sets fields {cfg_cls.__name__} lacks: {stray}")
-        MODELS[name] = ModelSpec(name, cfg_cls, build, make_mask_fn, dict(size_recipe or {}))
+        reads: Takes = takes if callable(takes) else (lambda cfg, _t=tuple(takes): _t)
+        MODELS[name] = MethodSpec(name, cfg_cls, build, reads, make_mask_fn, dict(size_recipe or {}))
         return build
     return deco
 
@@ -83,7 +92,7 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def get_spec(name: str) -> ModelSpec:
+def get_spec(name: str) -> MethodSpec:
     _ensure_registered()
     if name not in MODELS:
         near = difflib.get_close_matches(name, MODELS, n=1)

@@ -57,12 +57,13 @@ def test_warmup_then_cosine() -> None:
 
 
 def test_effective_lr_counts_accumulation_world_and_views() -> None:
-    cfg = load_config(None, ["data.batch_size=32", "train.accum_steps=4", "optim.blr=1.5e-4", "data.num_samples=2"])
+    video = ["model.name=videomae", "data.dataset=video_list"]
+    cfg = load_config(None, [*video, "data.batch_size=32", "train.accum_steps=4", "optim.blr=1.5e-4", "data.num_samples=2"])
     assert global_batch_size(cfg, 8) == 32 * 2 * 4 * 8
     # The references scale by loader items, not repeated views (MAE / MAE-ST eff_batch_size,
     # VideoMAEv2 run_mae_pretraining.py total_batch_size = batch_size * num_tasks).
     assert effective_lr(cfg, 8) == pytest.approx(1.5e-4 * 32 * 4 * 8 / 256)
-    counted = load_config(None, ["data.batch_size=32", "train.accum_steps=4", "optim.blr=1.5e-4",
+    counted = load_config(None, [*video, "data.batch_size=32", "train.accum_steps=4", "optim.blr=1.5e-4",
                                  "data.num_samples=2", "optim.lr_counts_repeats=true"])
     assert effective_lr(counted, 8) == pytest.approx(1.5e-4 * 2048 / 256)
     assert effective_lr(load_config(None, ["optim.lr=0.01"]), 8) == 0.01
@@ -208,7 +209,7 @@ class _Probe(nn.Module):
 @pytest.fixture
 def probe_model():  # noqa: ANN201
     from mmmae.registry import MODELS, register_model
-    register_model("nonfinite_probe", _ProbeCfg)(_Probe)
+    register_model("nonfinite_probe", _ProbeCfg, takes=("image",))(_Probe)
     yield "nonfinite_probe"
     MODELS.pop("nonfinite_probe")
 
@@ -231,7 +232,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path, d
 
 
 def test_empty_override_clears_a_string_key() -> None:
-    cfg = load_config("image_mae_tiny.yaml", ["init_from=", "data.class_list="])
+    cfg = load_config("video_mae_tiny.yaml", ["init_from=", "data.class_list="])
     assert cfg.init_from == "" and cfg.data.class_list == ""
 
 

@@ -53,7 +53,7 @@ def test_evaluation_never_replaces_an_unreadable_image(tmp_path: Path, dist_grou
     assert sample["valid"] is False and sample["label"] == 1 and sample["unreadable"] == str(broken)
     cfg = load_config(None, ["model.name=classifier", "model.size=vit_tiny_test", "model.img_size=32",
                              "model.patch_size=8", "model.num_classes=2", "data.dataset=image_folder",
-                             f"data.root={tmp_path / 'val'}", f"data.val_list={tmp_path / 'val'}",
+                             f"data.root={tmp_path / 'val'}", f"data.val_root={tmp_path / 'val'}",
                              "data.batch_size=4", "data.num_workers=0"])
     import mmmae
     from safetensors.torch import save_file

@@ -256,7 +256,7 @@ def test_bevt_named_options_keep_the_exact_count_masks() -> None:
 def test_bevt_temporal_config_takes_bevt_clip_settings() -> None:
     """BEVT's video pipeline: SampleFrames(clip_len=16, frame_interval=8, num_clips=1)."""
     cfg = load_config("bevt_temporal.yaml")
-    assert (cfg.data.num_frames, cfg.data.sampling_rate, cfg.data.num_samples) == (16, 8, 1)
+    assert (cfg.model.num_frames, cfg.data.sampling_rate, cfg.data.num_samples) == (16, 8, 1)
     mcfg = model_cfg(cfg.model)
     assert (mcfg.video_mask_type, mcfg.image_mask_type, mcfg.min_num_patches) == ("bevt", "beit", 16)
     assert (mcfg.tube_min_share, mcfg.tube_max_share, mcfg.min_aspect) == (0.5, 1.0, 0.3)

@@ -270,7 +270,7 @@ def test_ssv2_recipe_matches_videomae_script() -> None:
     # scripts/ssv2/videomae_vit_base_patch16_224_tubemasking_ratio_0.9_epoch_2400/finetune.sh
     cfg = load_config("finetune_ssv2.yaml")
     d, m = cfg.data, model_cfg(cfg.model)
-    assert (d.dataset, d.num_frames, d.num_clips, d.num_crops, d.hflip) == ("ssv2", 16, 2, 3, False)
+    assert (d.dataset, cfg.model.num_frames, d.num_clips, d.num_crops, d.hflip) == ("ssv2", 16, 2, 3, False)
     assert (d.batch_size, d.num_samples, cfg.train.epochs, m.num_classes, m.img_size) == (6, 2, 30, 174, 224)
     assert (cfg.optim.layer_decay, m.drop_path_rate, cfg.optim.warmup_epochs) == (0.75, 0.1, 5)
     assert (cfg.train.mixup, cfg.train.cutmix, m.label_smoothing, d.erase_prob) == (0.8, 1.0, 0.1, 0.25)

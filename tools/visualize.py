@@ -91,11 +91,13 @@ def read_image(path: str, img_size: int, mean: Sequence[float], std: Sequence[fl
 
 def read_clip(path: str, cfg: Any, mcfg: Any) -> torch.Tensor:
     """(1, 3, T, S, S): the centre clip of the model's ``num_frames`` every ``data.sampling_rate``."""
+    from mmmae.data.registry import input_data
     from mmmae.video.datasets import VideoTestDataset
 
-    ds = VideoTestDataset([(path, -1)], num_frames=int(mcfg.num_frames), sampling_rate=cfg.data.sampling_rate,
-                          num_clips=1, num_crops=1, crop_size=mcfg.img_size, backend=cfg.data.backend,
-                          short_clip=cfg.data.short_clip)
+    d = input_data(cfg, "video")
+    ds = VideoTestDataset([(path, -1)], num_frames=int(mcfg.num_frames), sampling_rate=d.sampling_rate,
+                          num_clips=1, num_crops=1, crop_size=mcfg.img_size, backend=d.backend,
+                          short_clip=d.short_clip)
     sample = ds[0]
     if not sample["ok"]:
         raise ValueError(f"cannot read video {path}: {sample['error']}")

@@ -268,7 +268,7 @@ VIDEOMAE_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn, size_recipe=VIDEOMAE_SIZES)
+@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn, takes=("video",), size_recipe=VIDEOMAE_SIZES)
 def _build_videomae(cfg: VideoMAECfg) -> VideoMAE:
     return VideoMAE(cfg)
 
@@ -399,7 +399,7 @@ def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
 
 # omnivore publishes one OmniMAE pretraining config (ViT-B, omnimae_vitbase_ssv2_in1k.yaml): its decoder
 # (384 wide, 4 blocks, 16 heads) is kept for every encoder size.
-@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn, size_recipe={"vit_tiny_test": TEST_DECODER})
+@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn, takes=("omni", "video", "image"), size_recipe={"vit_tiny_test": TEST_DECODER})
 def _build_omnimae(cfg: OmniMAECfg) -> OmniMAE:
     return OmniMAE(cfg)
 
@@ -532,7 +532,7 @@ def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
 
 
 # BEVT's block masks are in 16-px patches (BEiT): ViT-H takes 16-px patches here.
-@register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn,
+@register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn, takes=("image",),
                 size_recipe={"vit_huge": {"patch_size": 16}})
 def _build_bevt_spatial(cfg: BEVTSpatialCfg) -> BEVTSpatial:
     return BEVTSpatial(cfg)
@@ -716,6 +716,6 @@ def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
     return make
 
 
-@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, size_recipe={"vit_huge": {"patch_size": 16}})
+@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, takes=("video_image",), size_recipe={"vit_huge": {"patch_size": 16}})
 def _build_bevt(cfg: BEVTCfg) -> BEVT:
     return BEVT(cfg)

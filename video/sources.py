@@ -3,13 +3,11 @@ tar shards: ``data.train_list`` / ``data.val_list`` name a shard list or one ``.
 default the list's folder; see mmmae.video.shards), ``omni``
 (image and video batches mixed, OmniMAE) and ``video_image`` (a clip and an image per item, BEVT).
 
-Keys used: ``data.root`` (videos; prefix of list paths), ``data.train_list`` / ``data.val_list``,
-``data.class_list``, ``data.num_frames``, ``data.sampling_rate``, ``data.sampling`` (dense or
-segment; ``auto``: segment for a classifier on ``ssv2``, as VideoMAE fine-tunes and tests
-Something-Something v2, dense otherwise, pretraining on SSv2 included), ``data.clip_rule`` (dense
-clip placement), ``data.num_samples`` and ``data.repeat_mode`` (repeated sampling),
-``data.backend``, ``data.short_clip``, ``data.max_bad_fraction``, ``data.limit``; joint sources
-add ``data.image_dataset`` (any registered image source) at ``data.image_root`` and
+Each source's ``data`` block is :class:`VideoDataCfg` (the joint ones :class:`JointDataCfg`); the
+frame count is the model's ``model.num_frames`` and the crop its ``model.img_size`` (given once).
+``data.sampling`` is dense or segment; ``auto``: segment for a classifier on ``ssv2``, as VideoMAE
+fine-tunes and tests Something-Something v2, dense otherwise, pretraining on SSv2 included. Joint
+sources add ``data.image_dataset`` (any registered image source) read at ``data.image_root``, and
 ``data.image_ratio``. Clip randomness is seeded by ``train.seed``.
 
 Augmentation follows the model: pretraining models get VideoMAE's (multi-scale crop, no flip);
@@ -20,15 +18,18 @@ VideoMAE's fine-tuning clip rule; ``val`` gives the multi-view test set (``data.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 
-from mmmae.data.registry import build_dataset, register_dataset
+from mmmae.data.registry import DataCfg, get_source, register_dataset
 from mmmae.data.sampler import MixedBatchSampler
+from mmmae.heads import ClassifierCfg
 
 from .datasets import (REPEAT_MODES, Item, VideoClipDataset, VideoTestDataset, collate_test, list_video_folder,
                        mix_seed, read_annotation_list, read_ssv2_annotations)
@@ -37,6 +38,35 @@ from .shards import ShardIndex, read_shard_list
 from .transforms import finetune_transform, pretrain_transform
 
 __all__ = ["video_items", "clip_sampler", "build_video_source", "OmniDataset", "VideoImageDataset", "GroupedImages"]
+
+
+@dataclass
+class VideoDataCfg(DataCfg):
+    root: str = ""  # videos folder; prefix of the paths in the lists
+    train_list: str = ""  # annotation list ("path label" lines or CSV; SSv2: train.json; shards: shards.txt or a .tar)
+    val_list: str = ""
+    class_list: str = ""  # one class name per line, for lists that name classes (SSv2: labels.json)
+    backend: str = "auto"  # auto (torchcodec > decord > pyav, the first usable) | torchcodec | decord | pyav
+    decode_device: str = "cpu"  # cpu | cuda (GPU decoding, torchcodec only; needs data.num_workers=0)
+    sampling_rate: int = 4
+    num_samples: int = 1  # repeated sampling: views per decoded video
+    short_clip: str = "loop"  # clips shorter than the sampled span: loop or pad (clip_rule fit only)
+    sampling: str = "auto"  # dense | segment (TSN-style) | auto: segment for an ssv2 classifier, else dense
+    clip_rule: str = "videomae"  # dense clip placement: videomae (the reference's) | fit (mmmae's earlier rule)
+    repeat_mode: str = "shared_window"  # num_samples views share frames (VideoMAE/v2) | independent (MAE-ST)
+    num_clips: int = 5  # test views (temporal clips x spatial crops)
+    num_crops: int = 3
+    hflip: bool = True  # fine-tuning augmentation (off for SSv2)
+    min_scale: float = 0.2  # fine-tuning random-resized-crop lower scale
+    rand_augment: str = ""  # fine-tuning: timm RandAugment spec, e.g. rand-m7-n4-mstd0.5-inc1 ("" = off)
+    erase_prob: float = 0.0  # fine-tuning: random erasing probability per frame (VideoMAE: 0.25)
+
+
+@dataclass
+class JointDataCfg(VideoDataCfg):
+    image_dataset: str = ""  # the image stream: any registered image source (e.g. image_folder, fashion_mnist)
+    image_root: str = ""  # its root
+    image_ratio: float = 0.5  # share of steps that draw the image stream (omni)
 
 
 def _need_file(path: str, key: str) -> str:
@@ -91,7 +121,8 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> str:
 
 
 def clip_sampler(cfg: Any, kind: str, stage: str) -> ClipSampler:
-    """The clip sampler the ``data`` block asks for; ``stage`` is ``pretrain`` or ``finetune``."""
+    """The clip sampler the ``data`` block asks for, over the model's ``num_frames``; ``stage`` is
+    ``pretrain`` or ``finetune``."""
     d = cfg.data
     sampling = _one_of(d.sampling, ("auto", *SAMPLINGS), "data.sampling")
     if sampling == "auto":
@@ -99,23 +130,16 @@ def clip_sampler(cfg: Any, kind: str, stage: str) -> ClipSampler:
         # num_segment=num_frames, clip_len=1) but pretrains on it densely (run_mae_pretraining.py's
         # VideoMAE loader, scripts/ssv2/.../pretrain.sh --sampling_rate 2); Kinetics-style lists are dense.
         sampling = "segment" if kind == "ssv2" and stage == "finetune" else "dense"
-    return ClipSampler(d.num_frames, d.sampling_rate, sampling=sampling,
+    return ClipSampler(int(cfg.model.num_frames), d.sampling_rate, sampling=sampling,
                        rule=_one_of(d.clip_rule, CLIP_RULES, "data.clip_rule"), stage=stage,
                        short=_one_of(d.short_clip, SHORT_MODES, "data.short_clip"))
 
 
-def _check_frames(cfg: Any, model_cfg: Any) -> None:
-    frames = getattr(model_cfg, "num_frames", 0) or 0
-    if frames and frames != cfg.data.num_frames:
-        raise ValueError(f"data.num_frames={cfg.data.num_frames} but the model takes num_frames={frames}; "
-                         "set both to the same value")
-
-
 def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Dataset:
     """A clip dataset for training (list of ``num_samples`` views per item) or the test views."""
-    _check_frames(cfg, model_cfg)
     d = cfg.data
-    finetune = hasattr(model_cfg, "num_classes")
+    frames = int(model_cfg.num_frames)  # given once, by the model
+    finetune = isinstance(model_cfg, ClassifierCfg)
     sampler = clip_sampler(cfg, kind, "finetune" if finetune else "pretrain")
     repeat_mode = _one_of(d.repeat_mode, REPEAT_MODES, "data.repeat_mode")
     opener = None
@@ -132,7 +156,7 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
         raise ValueError(f"data.decode_device={d.decode_device!r} decodes in the loading process: "
                          f"set data.num_workers=0 (got {d.num_workers})")
     if split != "train":
-        ds = VideoTestDataset(items, d.num_frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
+        ds = VideoTestDataset(items, frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
                               backend=d.backend, short_clip=d.short_clip, sampler=sampler,
                               decode_device=d.decode_device, opener=opener)
         ds.collate_fn = collate_test  # type: ignore[attr-defined]
@@ -142,14 +166,14 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
                                        erase_prob=d.erase_prob)
     else:
         transform = pretrain_transform(size)  # VideoMAE: multi-scale crop, no flip
-    return VideoClipDataset(items, d.num_frames, d.sampling_rate, transform, backend=d.backend,
+    return VideoClipDataset(items, frames, d.sampling_rate, transform, backend=d.backend,
                             num_samples=d.num_samples, short_clip=d.short_clip, sampler=sampler,
                             repeat_mode=repeat_mode, max_bad_fraction=d.max_bad_fraction, seed=cfg.train.seed,
                             decode_device=d.decode_device, opener=opener)
 
 
 for _kind in ("video_list", "video_folder", "ssv2", "video_shards"):
-    register_dataset(_kind)(lambda cfg, split, model_cfg, _k=_kind: build_video_source(cfg, split, model_cfg, _k))
+    register_dataset(_kind, VideoDataCfg, "video", repeated=True)(lambda cfg, split, model_cfg, _k=_kind: build_video_source(cfg, split, model_cfg, _k))
 
 
 def _default_video_kind(cfg: Any) -> str:
@@ -157,18 +181,21 @@ def _default_video_kind(cfg: Any) -> str:
 
 
 def build_image_source(cfg: Any, split: str, model_cfg: Any) -> Dataset:
-    """``data.image_dataset`` read from ``data.image_root`` (the image source's own ``data.root``)."""
+    """``data.image_dataset`` read from ``data.image_root``: that source's own ``data`` block, with
+    the joint block's values for the fields they share (batch size, workers, limit, augmentation)."""
     d = cfg.data
     if not d.image_dataset:
         raise ValueError("data.image_dataset is not set (e.g. image_folder with data.image_root, or fashion_mnist)")
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    plain["data"]["root"] = d.image_root
-    plain["data"]["dataset"] = d.image_dataset
-    if split != "train":
-        plain["data"]["val_list"] = d.image_root
-    image_cfg: DictConfig = OmegaConf.create(plain)
-    return build_dataset(image_cfg, split, model_cfg, name=d.image_dataset)
+    source = get_source(d.image_dataset)
+    if source.provides != "image":
+        raise ValueError(f"data.image_dataset={d.image_dataset!r} yields {source.provides}, not images")
+    fields = {f.name for f in dataclasses.fields(source.cfg_cls)}
+    values = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k in fields}  # type: ignore[union-attr]
+    values.update(dataset=d.image_dataset)
+    if d.image_root:
+        values["root"] = d.image_root
+    image_data = OmegaConf.merge(OmegaConf.structured(source.cfg_cls), values)
+    return source.build(OmegaConf.create({"data": image_data, "train": cfg.train}), split, model_cfg)
 
 
 class GroupedImages(Dataset):
@@ -209,7 +236,7 @@ class OmniDataset(ConcatDataset):
                                  seed)
 
 
-@register_dataset("omni")
+@register_dataset("omni", JointDataCfg, "omni", repeated=True)
 def _build_omni(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
     if split != "train":
@@ -254,7 +281,7 @@ class VideoImageDataset(Dataset):
         return views
 
 
-@register_dataset("video_image")
+@register_dataset("video_image", JointDataCfg, "video_image", repeated=True)
 def _build_video_image(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
     if split != "train":

@@ -59,12 +59,10 @@ def compute_embeddings(cfg: DictConfig, embedder: Embedder, rs: RetrievalSplit, 
                        ) -> tuple[torch.Tensor, list[int], list[dict[str, Any]], torch.Tensor, str]:
     """Image embeddings of the readable images (Ni_ok, D), their indices, the failures, caption
     embeddings (Nt, D) (all L2-normalised), and the tokenizer's description."""
-    from mmmae.vl.sources import check_text_fits_model
-    from mmmae.vl.tokenizers import build_tokenizer
+    from mmmae.vl.sources import model_tokenizer
 
     mcfg = model_cfg(cfg.model)
-    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.max_len)
-    check_text_fits_model(tokenizer, mcfg)
+    tokenizer = model_tokenizer(mcfg)
     img, kept, failed = embed_image_files(embedder.image, rs.image_paths, image_transform(cfg, mcfg),
                                           batch_size=batch_size, num_workers=cfg.data.num_workers, device=device,
                                           progress=progress, desc="retrieval images")
@@ -119,7 +117,7 @@ def evaluate_retrieval(cfg: DictConfig, checkpoint: str, *, split: str = "test",
             "captions_per_image": _captions_per_image([len(c) for c in rs.img2txt]),
             "max_captions_per_image": max_captions_per_image or None,
             "img_size": mcfg.img_size, "transform": "resize short side to img_size (bicubic), centre crop",
-            "tokenizer": tok, "max_len": cfg.text.max_len,
+            "tokenizer": tok, "max_len": mcfg.max_len,
             "embedding": {"image": embedder.describe("image"), "text": embedder.describe("text")},
             "similarity": "cosine (L2-normalised embeddings)",
             "recall": "percent; i2t hits when any of the image's captions is in the top K",

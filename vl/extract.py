@@ -21,10 +21,10 @@ What a row is, by model and modality (``Embedder`` decides; ``Embedder.describe`
   above; video -> the mean over frames; text -> refused.
 
 A model with its own ``encode_video`` (a video tower) is used as is for videos. Video inputs use one
-fixed view: the centre clip of ``data.num_frames`` frames every ``data.sampling_rate`` (a video model:
+fixed view: the centre clip of 16 frames (``VIDEO_FRAMES``) every ``data.sampling_rate`` (a video model:
 its own ``num_frames``), short side resized to the model's ``img_size`` and centre-cropped. Images use
 the evaluation transform of the caption data (resize the short side to ``img_size``, centre crop),
-texts the config's tokenizer (``text.tokenizer``, ``text.max_len``). ``normalize=True`` L2-normalises
+texts the model's tokenizer (``model.tokenizer``, ``model.max_len``). ``normalize=True`` L2-normalises
 every row (a video's frame mean included).
 
 Inputs: videos from a folder (recursive; ids = paths relative to it) or a list file (``path [label]``
@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmmae.config import model_cfg
+from mmmae.data.registry import input_data
 from mmmae.registry import build_from_cfg
 from mmmae.vl.data import _BAD_IMAGE_ERRORS, IMAGE_EXTS, _load_rgb
 
@@ -385,17 +386,15 @@ def embed_items(emb: Embedder, cfg: DictConfig, modality: str, items: Sequence[I
     mcfg = model_cfg(cfg.model)
     items = list(items)
     if modality == "text":
-        from mmmae.vl.sources import check_text_fits_model
-        from mmmae.vl.tokenizers import build_tokenizer
-        tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.max_len)
-        check_text_fits_model(tokenizer, mcfg)
+        from mmmae.vl.sources import model_tokenizer
+        tokenizer = model_tokenizer(mcfg)
         keep = [i for i, it in enumerate(items) if it.text]
         skipped = [{"id": items[i].id, "reason": "empty caption"} for i, it in enumerate(items) if not it.text]
         if not keep:
             return torch.empty(0, 0), [], skipped, {}
         ids, pad = tokenizer([items[i].text for i in keep])
         vectors = embed_texts(emb.text, ids, pad, batch_size=batch_size, device=device, progress=progress)
-        return vectors, keep, skipped, {"tokenizer": repr(tokenizer), "max_len": cfg.text.max_len}
+        return vectors, keep, skipped, {"tokenizer": repr(tokenizer), "max_len": mcfg.max_len}
     if modality == "image":
         from mmmae.vl.sources import caption_image_norm
         vectors, keep, failed = embed_image_files(
@@ -408,6 +407,15 @@ def embed_items(emb: Embedder, cfg: DictConfig, modality: str, items: Sequence[I
     return _embed_videos(emb, cfg, mcfg, items, batch_size, device, progress)
 
 
+# Frames an image model averages over a video's centre clip (every ``sampling_rate`` frames).
+VIDEO_FRAMES = 16
+
+
+def _input_root(cfg: DictConfig, modality: str) -> str:
+    """The prefix of relative paths in an input list: the data block's ``root`` for that kind."""
+    return "" if modality == "text" else str(input_data(cfg, modality).root)
+
+
 @torch.no_grad()
 def extract(cfg: DictConfig, checkpoint: str, modality: str, input_path: str, out_prefix: str, *,
             normalize: bool = False, root: str | None = None, batch_size: int | None = None, progress: bool = True,
@@ -418,7 +426,7 @@ def extract(cfg: DictConfig, checkpoint: str, modality: str, input_path: str, ou
     name = cfg.model.name
     model, load_report = load_model(cfg, checkpoint, device, modalities=(modality,), layer=layer)
     emb = Embedder(model, name, layer=layer)
-    items = list_inputs(modality, input_path, cfg.data.root if root is None else root)
+    items = list_inputs(modality, input_path, _input_root(cfg, modality) if root is None else root)
     vectors, keep, skipped, protocol = embed_items(emb, cfg, modality, items, batch_size=batch_size or cfg.data.batch_size,
                                                    device=device, progress=progress)
     report = {"modality": modality, "model": name, "checkpoint": checkpoint, "input": input_path,
@@ -467,12 +475,14 @@ def _embed_videos(emb: Embedder, cfg: DictConfig, mcfg: Any, items: list[InputIt
                   ) -> tuple[torch.Tensor, list[int], list[dict[str, Any]], dict[str, Any]]:
     from mmmae.video.datasets import VideoTestDataset, collate_test
 
-    # A video encoder takes exactly its own clip length; frame averaging uses the data config's.
-    num_frames = int(mcfg.num_frames) if emb.is_video_model else int(cfg.data.num_frames)
+    # A video encoder takes exactly its own clip length; frame averaging over an image model's
+    # frames takes VIDEO_FRAMES of them.
+    d = input_data(cfg, "video")
+    num_frames = int(mcfg.num_frames) if emb.is_video_model else VIDEO_FRAMES
     ds = VideoTestDataset([(it.path, -1) for it in items], num_frames=num_frames,
-                          sampling_rate=cfg.data.sampling_rate, num_clips=1, num_crops=1, crop_size=mcfg.img_size,
-                          backend=cfg.data.backend, short_clip=cfg.data.short_clip)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate_test)
+                          sampling_rate=d.sampling_rate, num_clips=1, num_crops=1, crop_size=mcfg.img_size,
+                          backend=d.backend, short_clip=d.short_clip)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=d.num_workers, collate_fn=collate_test)
     embs, keep, skipped = [], [], []
     for batch in _bar(loader, len(loader), "videos", progress):
         skipped.extend({"id": items[f["index"]].id, "path": f["path"], "reason": f["error"]} for f in batch["failed"])
@@ -481,9 +491,9 @@ def _embed_videos(emb: Embedder, cfg: DictConfig, mcfg: Any, items: list[InputIt
         clips = batch["video"][:, 0]  # the one view: (B, 3, T, S, S)
         embs.append(emb.video(clips.to(device)).float().cpu())
         keep.extend(batch["index"].tolist())
-    protocol = {"num_frames": num_frames, "sampling_rate": cfg.data.sampling_rate, "clip": "centre (1 clip)",
+    protocol = {"num_frames": num_frames, "sampling_rate": d.sampling_rate, "clip": "centre (1 clip)",
                 "crop": "centre (1 crop)", "crop_size": mcfg.img_size, "short_side": mcfg.img_size,
-                "backend": cfg.data.backend, "short_clip": cfg.data.short_clip,
+                "backend": d.backend, "short_clip": d.short_clip,
                 "pooling": "mean over frames" if emb.frame_mean else "video encoder"}
     return (torch.cat(embs) if embs else torch.empty(0, 0)), keep, skipped, protocol
 
@@ -607,15 +617,15 @@ def extract_windows(cfg: DictConfig, checkpoint: str, input_path: str, out_prefi
     model, load_report = load_model(cfg, checkpoint, device, modalities=("video",), layer=layer)
     emb = Embedder(model, name, layer=layer)
     offsets = window_offsets(length, int(mcfg.num_frames) if emb.is_video_model else length, name)
-    items = list_videos(input_path, cfg.data.root if root is None else root)
-    lengths, skipped = _video_lengths(items, cfg.data.backend)
+    items = list_videos(input_path, input_data(cfg, "video").root if root is None else root)
+    lengths, skipped = _video_lengths(items, input_data(cfg, "video").backend)
     _check_window_fits(lengths, length)
     bs = batch_size or cfg.data.batch_size
     rows, ids, videos = [], [], []
     for it, n in _bar(lengths, len(lengths), "videos", progress):
         starts = window_starts(n, length, stride)
         try:
-            with open_video(it.path, cfg.data.backend) as reader:
+            with open_video(it.path, input_data(cfg, "video").backend) as reader:
                 rows.append(_embed_windows(emb, reader, starts, offsets, mcfg.img_size, window_norm, bs, device))
         except VideoDecodeError as e:  # a file that opens but breaks mid-stream loses all its windows
             log.warning("skipping video %s: %s", it.path, e.reason)
@@ -627,7 +637,7 @@ def extract_windows(cfg: DictConfig, checkpoint: str, input_path: str, out_prefi
                 "starts": "range(0, num_frames - length + 1, stride)", "frames_per_window": len(offsets),
                 "frame_step": offsets[1] - offsets[0] if len(offsets) > 1 else 1,
                 "resize": f"whole frame to {mcfg.img_size}x{mcfg.img_size}, bilinear, align_corners=False",
-                "normalisation": window_norm, "backend": cfg.data.backend,
+                "normalisation": window_norm, "backend": input_data(cfg, "video").backend,
                 "pooling": "mean over frames" if emb.frame_mean else "video encoder"}
     report = {"modality": "video", "model": name, "checkpoint": checkpoint, "input": input_path,
               "embedding": emb.describe("video").replace("the centre clip", "each window"), "layer": layer,
@@ -670,12 +680,12 @@ def embed_query(cfg: DictConfig, checkpoint: str, query: str, modality: str, *, 
         from mmmae.video.decoding import open_video
         length = int(windows[0])
         offsets = window_offsets(length, int(mcfg.num_frames) if emb.is_video_model else length, name)
-        lengths, skipped = _video_lengths([InputItem(query, query)], cfg.data.backend)
+        lengths, skipped = _video_lengths([InputItem(query, query)], input_data(cfg, "video").backend)
         if skipped:
             raise ValueError(f"query video {query} cannot be read: {skipped[0]['reason']}")
         _check_window_fits(lengths, length)
         start = (lengths[0][1] - length) // 2
-        with open_video(query, cfg.data.backend) as reader:
+        with open_video(query, input_data(cfg, "video").backend) as reader:
             vec = _embed_windows(emb, reader, [start], offsets, mcfg.img_size, window_norm, 1, device)
     else:
         item = InputItem("query", text=query) if modality == "text" else InputItem(query, query)

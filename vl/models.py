@@ -71,8 +71,9 @@ class M3AECfg(EncoderCfg):
     # reference's unpaired_text_loss_weight, 0.0 in m3ae_main.py).
     image_only_weight: float = 1.0
     text_only_weight: float = 0.0
+    tokenizer: str = "openclip"  # the text model's vocabulary (mmmae.vl.tokenizers.build_tokenizer names)
     vocab_size: int = 49408  # open_clip BPE; 30522 for bert-base-uncased (the reference's tokenizer)
-    max_len: int = 64  # text positions S (the fixed text table covers 0..max_len-1)
+    max_len: int = 64  # text positions S (the fixed text table covers 0..max_len-1); captions are cut to it
     norm_pix_loss: bool = False  # the reference regresses the mean/std-normalised patches as they are
     global_pool: str = "token"  # pooled features for encode_image / encode_text: "token" ([cls]) or "avg"
 
@@ -125,7 +126,7 @@ class MultimodalEncoder(VisionEncoder):
             raise ValueError(f"text must be (B, S) integer token ids, got {ids.dtype} of shape {tuple(ids.shape)}")
         if ids.shape[1] > self.max_len:
             raise ValueError(f"text has {ids.shape[1]} positions but the model's text table covers "
-                             f"max_len={self.max_len}; raise model.max_len or lower text.max_len")
+                             f"max_len={self.max_len}; raise model.max_len")
         if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
             raise ValueError(f"token ids span [{int(ids.min())}, {int(ids.max())}], outside the model's vocabulary "
                              f"(vocab_size={self.vocab_size}); set model.vocab_size to the tokenizer's")
@@ -482,6 +483,6 @@ def _m3ae_mask_fn(cfg: M3AECfg) -> MaskFn:
 M3AE_SIZES: dict[str, dict[str, int]] = {"vit_tiny_test": TEST_DECODER, "vit_huge": {"patch_size": 16}}
 
 
-@register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn, size_recipe=M3AE_SIZES)
+@register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn, takes=("image_text",), size_recipe=M3AE_SIZES)
 def _build_m3ae(cfg: M3AECfg) -> M3AE:
     return M3AE(cfg)

@@ -44,8 +44,9 @@ class RetrievalCfg(EncoderCfg):
     """Field names follow ``M3AECfg`` where they apply, so an M3AE size block works unchanged."""
 
     img_size: int = 256  # the M3AE pretraining resolution; must match the checkpoint's grid
+    tokenizer: str = "openclip"  # the M3AE checkpoint's vocabulary (mmmae.vl.tokenizers.build_tokenizer names)
     vocab_size: int = 49408  # must match the M3AE checkpoint (open_clip BPE by default)
-    max_len: int = 64  # text positions; must equal text.max_len
+    max_len: int = 64  # text positions; captions are cut to it
     global_pool: str = "token"  # tower feature before projection: [cls] ("token") or mean ("avg")
     proj_dim: int = 256  # joint embedding width
     proj_hidden_dim: int = 0  # 0: linear projections; > 0: 2-layer MLP heads
@@ -232,6 +233,6 @@ class RetrievalModel(EncoderModel):
         return random_image_text_batch(self.cfg, batch_size, torch.Generator().manual_seed(seed))
 
 
-@register_model("retrieval", RetrievalCfg, size_recipe={"vit_huge": {"patch_size": 16}})  # M3AE's ViT-H/16
+@register_model("retrieval", RetrievalCfg, takes=("image_text",), size_recipe={"vit_huge": {"patch_size": 16}})  # M3AE's ViT-H/16
 def _build_retrieval(cfg: RetrievalCfg) -> RetrievalModel:
     return RetrievalModel(cfg)

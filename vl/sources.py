@@ -2,8 +2,8 @@
 
 ``data.dataset: captions`` reads ``data.captions`` / ``data.images`` for the train split and
 ``data.val_captions`` / ``data.val_images`` for val (any format ``mmmae.vl.data`` knows: COCO json,
-Karpathy json, csv/jsonl pairs). Captions are tokenized with ``text.tokenizer`` to ``text.max_len``
-positions, which must match the model's ``max_len`` and fit its ``vocab_size``.
+Karpathy json, csv/jsonl pairs); the block is :class:`CaptionsCfg`. Captions are tokenized with the
+model's tokenizer (``model.tokenizer``) to its ``model.max_len`` positions, within its ``vocab_size``.
 
 Train images go through M3AE's pretraining transform (MAE's: RandomResizedCrop(img_size,
 scale=(data.min_scale, 1)), optional flip, normalisation); val images through M3AE's test transform
@@ -18,13 +18,28 @@ Samples are dicts (``image``, ``text``, ``text_pad``, ``caption``, ``image_id``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from mmmae.data.registry import register_dataset
+from mmmae.data.registry import DataCfg, register_dataset
 from mmmae.vl.data import CaptionDataset, Transform, build_caption_dataset, collate_captions, image_stats
 from mmmae.vl.tokenizers import TextTokenizer, build_tokenizer
+
+
+@dataclass
+class CaptionsCfg(DataCfg):
+    captions: str = ""  # caption file (COCO json, Karpathy json, CSV/JSONL, tar shards)
+    images: str = ""  # image folder for the caption file
+    val_captions: str = ""
+    val_images: str = ""
+    caption_mode: str = "all"  # all: one pair per caption; random: one caption per image per epoch
+    # Statistics images are normalised with: cc12m, imagenet, none, or auto: cc12m for
+    # data.dataset=captions (m3ae_public ImageTextDataset's default), imagenet for any other source
+    caption_image_norm: str = "auto"
+    hflip: bool = True
+    min_scale: float = 0.2  # RandomResizedCrop lower scale
 
 
 class FirstItems(Dataset):
@@ -47,22 +62,22 @@ class FirstItems(Dataset):
         self.dataset.set_epoch(epoch)
 
 
-def check_text_fits_model(tokenizer: TextTokenizer, model_cfg: Any) -> None:
-    """The tokenizer's length and vocabulary must match the model's text table and embedding."""
-    max_len = getattr(model_cfg, "max_len", None)
-    vocab = getattr(model_cfg, "vocab_size", None)
-    if max_len is not None and tokenizer.max_len != max_len:
-        raise ValueError(f"text.max_len={tokenizer.max_len} but model.max_len={max_len}; set both to the same value")
-    if vocab is not None and tokenizer.vocab_size > vocab:
-        raise ValueError(f"the tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size={vocab}; "
-                         f"set model.vocab_size={tokenizer.vocab_size}")
+def model_tokenizer(model_cfg: Any) -> TextTokenizer:
+    """The text model's tokenizer (``model.tokenizer``, ``model.max_len`` positions); its vocabulary
+    must fit the model's embedding (``model.vocab_size``)."""
+    tokenizer = build_tokenizer(model_cfg.tokenizer, model_cfg.max_len)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+                         f"{model_cfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    return tokenizer
 
 
 def caption_image_norm(cfg: Any) -> str:
     """The statistics' name for ``data.caption_image_norm``; ``auto`` follows the data: M3AE's
     image-text data (``data.dataset=captions``) is normalised with CC12M's statistics, anything else
-    with ImageNet's (m3ae/data.py: ImageTextDataset vs ImageNetDataset defaults)."""
-    name = cfg.data.caption_image_norm
+    with ImageNet's (m3ae/data.py: ImageTextDataset vs ImageNetDataset defaults). Only the captions
+    source has the key; any other source reads as ``auto``."""
+    name = cfg.data.caption_image_norm if "caption_image_norm" in cfg.data else "auto"
     if name == "auto":
         return "cc12m" if cfg.data.dataset == "captions" else "imagenet"
     image_stats(name)  # a clear error for an unknown name
@@ -79,7 +94,7 @@ def caption_transform(cfg: Any, model_cfg: Any, split: str) -> Transform:
     return eval_transform(model_cfg.img_size, crop_pct=1.0, mean=mean, std=std)
 
 
-@register_dataset("captions")
+@register_dataset("captions", CaptionsCfg, "image_text")
 def build_captions(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     """``(TrainCfg, "train" | "val", model config) -> Dataset`` of tokenized image-caption pairs."""
     if split == "train":
@@ -89,8 +104,7 @@ def build_captions(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     if not captions:
         raise ValueError(f"data.dataset=captions needs {keys} for the {split} split (a COCO/Karpathy json, "
                          f"csv/jsonl pairs) and its image folder")
-    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.max_len)
-    check_text_fits_model(tokenizer, model_cfg)
+    tokenizer = model_tokenizer(model_cfg)
     ds = build_caption_dataset(captions, images, caption_transform(cfg, model_cfg, split), tokenizer,
                                split=split, mode=cfg.data.caption_mode, seed=cfg.train.seed,
                                max_bad_fraction=cfg.data.max_bad_fraction)

@@ -1,11 +1,16 @@
-"""DATASETS: ``data.dataset`` name -> builder(cfg, split, model_cfg) -> Dataset.
+"""SOURCES: ``data.dataset`` name -> its typed config, what it yields, and its dataset builder.
 
+A source registers once, with the dataclass of its ``data`` block (a subclass of :class:`DataCfg`,
+the fields every source has) and the kind of input it yields (``image``, ``video``, ``image_text``,
+``video_image`` or ``omni``), which the config checks against the method before any work starts.
+The builder is ``(cfg, split, model_cfg) -> Dataset`` with ``split`` ``train`` or ``val``.
 Method packages register their sources when imported (the same entry-point discovery as models).
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch.utils.data import Dataset
@@ -13,24 +18,89 @@ from torch.utils.data import Dataset
 from mmmae.registry import _ensure_registered
 
 DatasetBuilder = Callable[[Any, str, Any], Dataset]
-DATASETS: dict[str, DatasetBuilder] = {}
+
+INPUT_KINDS = ("image", "video", "image_text", "video_image", "omni")
 
 
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+@dataclass
+class DataCfg:
+    """The fields of every source's ``data`` block."""
+
+    dataset: str = "synthetic"  # which source to read (the registered name)
+    batch_size: int = 8  # micro batch per process (loader items)
+    num_workers: int = 2
+    limit: int = 0  # use only the first N items (debugging, tiny configs)
+    # Training: the share of unreadable inputs a run tolerates (each is replaced deterministically);
+    # evaluation never replaces, it lists and counts them.
+    max_bad_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    cfg_cls: type  # the data block's dataclass (a DataCfg subclass)
+    provides: str  # one of INPUT_KINDS
+    build: DatasetBuilder
+    # Loader items carry ``data.num_samples`` views each (repeated sampling), so a micro batch holds
+    # ``batch_size x num_samples`` samples.
+    repeated: bool = False
+
+
+SOURCES: dict[str, SourceSpec] = {}
+
+
+def register_dataset(name: str, cfg_cls: type, provides: str, *, repeated: bool = False
+                     ) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, DataCfg)):
+        raise TypeError(f"source {name!r}: its config class must subclass mmmae.data.registry.DataCfg")
+    if provides not in INPUT_KINDS:
+        raise ValueError(f"source {name!r}: provides={provides!r}; choose one of {INPUT_KINDS}")
+
     def deco(fn: DatasetBuilder) -> DatasetBuilder:
-        if name in DATASETS:
+        if name in SOURCES:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = fn
+        SOURCES[name] = SourceSpec(name, cfg_cls, provides, fn, repeated)
         return fn
     return deco
 
 
-def build_dataset(cfg: Any, split: str, model_cfg: Any, name: str | None = None) -> Dataset:
-    """Build ``data.dataset`` (or ``name``) for ``split`` ("train" or "val")."""
+def list_sources() -> list[str]:
     _ensure_registered()
-    name = name or cfg.data.dataset
-    if name not in DATASETS:
-        near = difflib.get_close_matches(name, DATASETS, n=1)
+    return sorted(SOURCES)
+
+
+def get_source(name: str) -> SourceSpec:
+    _ensure_registered()
+    if name not in SOURCES:
+        near = difflib.get_close_matches(name, SOURCES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise KeyError(f"unknown data.dataset {name!r}{hint}; available: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](cfg, split, model_cfg)
+        raise KeyError(f"unknown data.dataset {name!r}{hint}; available: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+def views_per_item(data: Any) -> int:
+    """Samples per loader item: ``data.num_samples`` for a repeated-sampling source, else 1."""
+    return max(int(data.num_samples), 1) if get_source(data.dataset).repeated else 1
+
+
+def build_dataset(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    """Build the ``data`` block's source for ``split`` ("train" or "val")."""
+    return get_source(cfg.data.dataset).build(cfg, split, model_cfg)
+
+
+# The source whose data block describes how loose inputs of a kind are read (extraction, pictures,
+# queries) when the config's own source yields something else.
+INPUT_SOURCES = {"image": "image_folder", "video": "video_folder"}
+
+
+def input_data(cfg: Any, kind: str) -> Any:
+    """The data block for reading ``kind`` inputs (``image`` or ``video``) outside the training set:
+    the config's own ``data`` block when its source reads that kind (e.g. a video list's sampling
+    rate and backend), else the defaults of :data:`INPUT_SOURCES`'s source for that kind with the
+    config's batch size and workers."""
+    from omegaconf import OmegaConf
+    own, reader = get_source(cfg.data.dataset), get_source(INPUT_SOURCES[kind])
+    if issubclass(own.cfg_cls, reader.cfg_cls):
+        return cfg.data
+    return OmegaConf.merge(OmegaConf.structured(reader.cfg_cls),
+                           {"batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers})

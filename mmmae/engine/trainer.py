@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from mmmae.config import ConfigError, dump_config, effective_lr, model_cfg
 from mmmae.data.collate import MaskCollator, collate_dicts
-from mmmae.data.registry import build_dataset
+from mmmae.data.registry import build_dataset, views_per_item
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
 from mmmae.engine import dist as D
 from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_first_readable,
@@ -57,7 +57,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def micro_batch_size(cfg: DictConfig) -> int:
     """Samples per forward: items per loader batch x repeated views per item."""
-    return cfg.data.batch_size * max(cfg.data.num_samples, 1)
+    return cfg.data.batch_size * views_per_item(cfg.data)
 
 
 def zero_stage(cfg: DictConfig) -> int:
