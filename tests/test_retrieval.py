@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mmmae  # noqa: E402
-from conftest import COCO_MINI, VIDEOS, run_tool  # noqa: E402
+from conftest import COCO_MINI, VIDEOS, run_tool, tool_module  # noqa: E402
 from mmmae.config import load_config  # noqa: E402
 from mmmae.metrics import retrieval_metrics  # noqa: E402
 from mmmae.vl.retrieval import MAX_LOGIT_SCALE, RetrievalModel, clip_contrastive_loss  # noqa: E402
@@ -258,12 +258,13 @@ def test_eval_and_extract_agree_on_coco_mini(runs: dict[str, Path], tmp_path: Pa
     assert p["captions_per_image"] == 5 and p["format"] == "coco"
     assert report["checkpoint"] == ckpt and report["num_unreadable"] == 0 and report["unreadable"] == []
 
-    # The same checkpoint through tools/extract.py: images of the val folder, captions of the val json.
-    out = tmp_path / "emb"
-    run_tool("extract.py", [*common, "--modality", "image", "--input", str(COCO_MINI / "val2017"),
-                            "--out", str(out / "img"), "--normalize"])
-    run_tool("extract.py", [*common, "--modality", "text", "--input", str(VAL_CAPTIONS), "--out", str(out / "txt"),
-                            "--normalize"])
+    # The same checkpoint through tools/extract.py (in this process): images of the val folder,
+    # captions of the val json.
+    out, extract = tmp_path / "emb", tool_module("extract")
+    assert extract.main([*common, "--modality", "image", "--input", str(COCO_MINI / "val2017"),
+                         "--out", str(out / "img"), "--normalize"]) == 0
+    assert extract.main([*common, "--modality", "text", "--input", str(VAL_CAPTIONS), "--out", str(out / "txt"),
+                         "--normalize"]) == 0
     img, txt = np.load(out / "img.npy"), np.load(out / "txt.npy")
     img_ids = (out / "img.ids.txt").read_text().splitlines()
     txt_ids = (out / "txt.ids.txt").read_text().splitlines()

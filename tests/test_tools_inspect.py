@@ -5,10 +5,8 @@ the reconstruction viewer (tools/visualize.py), sliding-window video features (t
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from conftest import COCO_MINI, FASHION_MNIST, ROOT, VIDEOS, run_tool
+from conftest import COCO_MINI, FASHION_MNIST, ROOT, VIDEOS, run_tool, tool_module
 from mmmae.config import load_config
 from mmmae.visualize import MASK_FILL, image_views, video_views
 
@@ -27,15 +25,6 @@ VAL_IMAGES = COCO_MINI / "val2017"
 CAPTIONS = COCO_MINI / "annotations" / "captions_train2017.json"
 GOOD_VIDEOS = ["arm_wrestling.mp4", "cleaning_pool.mp4", "applying_eye_makeup.avi", "flipping_pancake.mkv"]
 VIDEO_DATA = [f"data.root={VIDEOS}", f"data.class_list={VIDEOS / 'kinetics400_classes.txt'}"]
-
-
-def _tool(name: str) -> ModuleType:
-    """tools/<name>.py as a module, so its ``main(argv)`` runs in this process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +114,7 @@ def _panels(path: Path) -> np.ndarray:
 
 
 def test_visualize_an_image_with_a_seeded_mask(runs: dict[str, Path], tmp_path: Path) -> None:
-    vis = _tool("visualize")
+    vis = tool_module("visualize")
     image = str(sorted(VAL_IMAGES.iterdir())[0])
     common = ["--config", "image_mae_tiny.yaml", "--checkpoint", str(runs["mae"]), "--input", image]
     for name, extra in (("a", []), ("b", []), ("c", ["--seed", "3"]), ("half", ["--mask-ratio", "0.5"])):
@@ -150,7 +139,7 @@ def test_visualize_an_image_with_a_seeded_mask(runs: dict[str, Path], tmp_path: 
 
 def test_visualize_a_video_as_gif_and_mp4(runs: dict[str, Path], tmp_path: Path) -> None:
     import av
-    vis = _tool("visualize")
+    vis = tool_module("visualize")
     common = ["--config", "video_mae_tiny.yaml", "--checkpoint", str(runs["videomae"]), "--input",
               str(VIDEOS / "arm_wrestling.mp4"), *VIDEO_DATA]
     cfg = load_config("video_mae_tiny.yaml", VIDEO_DATA)
@@ -168,7 +157,7 @@ def test_visualize_a_video_as_gif_and_mp4(runs: dict[str, Path], tmp_path: Path)
 
 def test_visualize_names_what_is_wrong(runs: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    vis = _tool("visualize")
+    vis = tool_module("visualize")
     image = str(sorted(VAL_IMAGES.iterdir())[0])
     bad_jpg, bad_mp4 = tmp_path / "broken.jpg", tmp_path / "broken.mp4"
     bad_jpg.write_bytes(b"not a jpeg at all")
@@ -230,7 +219,7 @@ def windows(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     argv = ["--config", "video_mae_tiny.yaml", "--checkpoint", str(runs["videomae"]), "--modality", "video",
             "--input", str(listing), "--root", str(VIDEOS), "--out", str(out / "win"), "--windows", "16:8",
             "--index", "--no-progress", *VIDEO_DATA]
-    assert _tool("extract").main(argv) == 0
+    assert tool_module("extract").main(argv) == 0
     return out / "win"
 
 
@@ -292,7 +281,7 @@ def test_a_window_longer_than_a_video_is_named(runs: dict[str, Path], tmp_path: 
                                                capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--config", "video_mae_tiny.yaml", "--checkpoint", str(runs["videomae"]), "--modality", "video",
             "--input", str(VIDEOS), "--out", str(tmp_path / "w"), "--windows", "4:2", "--no-progress", *VIDEO_DATA]
-    assert _tool("extract").main(argv) == 2
+    assert tool_module("extract").main(argv) == 2
     err = capsys.readouterr().err
     assert "rotated_90.mov" in err and "window of 4 frames" in err and "has 3 frames" in err
 
@@ -313,13 +302,13 @@ def image_index(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("index") / "coco"
     argv = ["--config", "m3ae_tiny.yaml", "--checkpoint", str(runs["m3ae"]), "--modality", "image", "--input",
             str(VAL_IMAGES), "--out", str(out / "img"), "--normalize", "--index", "--no-progress"]
-    assert _tool("extract").main(argv) == 0
+    assert tool_module("extract").main(argv) == 0
     return out / "img"
 
 
 def test_search_agrees_with_brute_force(image_index: Path) -> None:
     from mmmae.vl.extract import embed_query
-    search = _tool("search")
+    search = tool_module("search")
     meta = json.loads(Path(f"{image_index}.index.json").read_text())
     assert meta["kind"] == "flat" and meta["rows"] == 79 and meta["dim"] == 32
     assert meta["source"]["modality"] == "image" and meta["source"]["config"] == "m3ae_tiny.yaml"
@@ -357,7 +346,7 @@ def test_window_index_search_and_cli(windows: Path) -> None:
     from mmmae.vl.extract import embed_query
     meta = json.loads(Path(f"{windows}.index.json").read_text())
     assert meta["source"]["windows"] == [16, 8] and meta["source"]["window_norm"] == "none"
-    res = run_tool("search.py", ["--index", str(windows), "--query", str(VIDEOS / "cleaning_pool.mp4"), "--k", "5",
+    res = runtool_module("search.py", ["--index", str(windows), "--query", str(VIDEOS / "cleaning_pool.mp4"), "--k", "5",
                                  *VIDEO_DATA])
     lines = [line.split("\t") for line in res.stdout.splitlines()]
     assert [int(r) for r, _, _ in lines] == [1, 2, 3, 4, 5]
@@ -371,7 +360,7 @@ def test_window_index_search_and_cli(windows: Path) -> None:
 
 def test_index_refusals(image_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmmae.index import build_index, load_index
-    search = _tool("search")
+    search = tool_module("search")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert search.main(["--index", str(empty), "--query", "a cat"]) == 2
