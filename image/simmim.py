@@ -113,6 +113,6 @@ def _simmim_mask_fn(cfg: SimMIMCfg) -> MaskFn:
 
 
 # 32-px mask blocks need a patch size that divides 32: ViT-H takes 16-px patches here.
-@register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn, takes=("image",), size_recipe={"vit_huge": {"patch_size": 16}})
+@register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn, takes=("image",), size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})
 def _build_simmim(cfg: SimMIMCfg) -> SimMIM:
     return SimMIM(cfg)

@@ -14,9 +14,10 @@ import torch
 import mmmae
 from mmmae.registry import PRESET_KEYS, list_sizes, load_size, resolve_model_cfg
 
-REAL_SIZES = ["vit_small", "vit_base", "vit_large", "vit_huge"]
-ENCODERS = {  # (embed_dim, depth, num_heads) of the ViT family (timm / MAE)
-    "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)}
+REAL_SIZES = ["vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"]
+ENCODERS = {  # (embed_dim, depth, num_heads) of the ViT family (timm / MAE; ViT-g: VideoMAEv2)
+    "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16),
+    "vit_giant": (1408, 40, 16)}
 
 
 def test_presets_set_encoder_keys_only() -> None:
@@ -40,6 +41,15 @@ def test_mae_and_m3ae_keep_one_decoder(method: str, size: str) -> None:
     cfg = resolve_model_cfg(method, size)
     assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (512, 8, 16)
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == ENCODERS[size]
+
+
+def test_videomaev2_giant_recipe() -> None:
+    """VideoMAEv2 models/modeling_pretrain.py pretrain_videomae_giant_patch14_224: encoder 1408 x 40, 16 heads,
+    mlp_ratio 48/11, patch 14; decoder 512 wide with 8 heads (4 blocks, the scripts' --decoder_depth)."""
+    cfg = resolve_model_cfg("videomae", "vit_giant")
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size) == (1408, 40, 16, 14)
+    assert cfg.mlp_ratio == 48 / 11 and int(cfg.embed_dim * cfg.mlp_ratio) == 6144
+    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (512, 4, 8)
 
 
 def test_mae_vit_huge_is_patch_14() -> None:

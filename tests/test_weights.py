@@ -400,12 +400,12 @@ def test_official_videomae_finetuned_gives_the_reference_logits(gamma: bool, tmp
 
 def test_videomaev2_giant_key_list_matches_mmmaes_vit_g() -> None:
     """vit_giant_patch14_224: embed 1408, depth 40, 16 heads, mlp_ratio 48/11 (hidden int(1408*48/11) = 6144),
-    patch 14, fine-tuned on 16 frames (Kinetics-710: 710 classes). Shapes only (meta tensors)."""
+    patch 14, fine-tuned on 16 frames (Kinetics-710: 710 classes), against the vit_giant preset. Shapes only
+    (meta tensors)."""
     keys = videomae_finetune_keys(1408, 40, 6144, 14, 16, 710, gamma=False)
     state = {k: torch.empty(s, device="meta") for k, s in keys}
     conv = weights.convert(state)
-    cfg = mmmae.registry.resolve_model_cfg("classifier", img_size=224, patch_size=14, embed_dim=1408, depth=40,
-                                           num_heads=16, mlp_ratio=48 / 11, num_classes=710, qkv_bias="qv",
+    cfg = mmmae.registry.resolve_model_cfg("classifier", "vit_giant", img_size=224, num_classes=710, qkv_bias="qv",
                                            **video_kw(num_frames=16))
     model = mmmae.registry.build_from_cfg("classifier", cfg, device="meta")
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}

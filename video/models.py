@@ -265,6 +265,8 @@ VIDEOMAE_SIZES: dict[str, dict[str, int]] = {
     "vit_base": {"decoder_embed_dim": 384, "decoder_depth": 4, "decoder_num_heads": 6},
     "vit_large": {"decoder_embed_dim": 512, "decoder_depth": 4, "decoder_num_heads": 8},
     "vit_huge": {"patch_size": 16, "decoder_embed_dim": 640, "decoder_depth": 4, "decoder_num_heads": 8},
+    # VideoMAEv2 pretrain_videomae_giant_patch14_224: patch 14, decoder 512 wide, 8 heads (4 blocks).
+    "vit_giant": {"decoder_embed_dim": 512, "decoder_depth": 4, "decoder_num_heads": 8},
 }
 
 
@@ -533,7 +535,7 @@ def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
 
 # BEVT's block masks are in 16-px patches (BEiT): ViT-H takes 16-px patches here.
 @register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn, takes=("image",),
-                size_recipe={"vit_huge": {"patch_size": 16}})
+                size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})
 def _build_bevt_spatial(cfg: BEVTSpatialCfg) -> BEVTSpatial:
     return BEVTSpatial(cfg)
 
@@ -716,6 +718,6 @@ def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
     return make
 
 
-@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, takes=("video_image",), size_recipe={"vit_huge": {"patch_size": 16}})
+@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, takes=("video_image",), size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})
 def _build_bevt(cfg: BEVTCfg) -> BEVT:
     return BEVT(cfg)

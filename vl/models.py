@@ -480,7 +480,8 @@ def _m3ae_mask_fn(cfg: M3AECfg) -> MaskFn:
 
 # M3AE keeps one decoder (512 wide, 8 blocks, 16 heads) for small/base/large/huge and 16-px patches for
 # all of them (young-geng/m3ae_public m3ae/model.py get_transformer_by_config, m3ae_main.py patch_size 16).
-M3AE_SIZES: dict[str, dict[str, int]] = {"vit_tiny_test": TEST_DECODER, "vit_huge": {"patch_size": 16}}
+M3AE_SIZES: dict[str, dict[str, int]] = {"vit_tiny_test": TEST_DECODER, "vit_huge": {"patch_size": 16},
+                                           "vit_giant": {"patch_size": 16}}
 
 
 @register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn, takes=("image_text",), size_recipe=M3AE_SIZES)
