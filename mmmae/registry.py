@@ -32,6 +32,7 @@ PRESET_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 # What a method reads, matched against what a data source yields (mmmae.data.registry.INPUT_KINDS).
 Takes = Callable[[Any], tuple[str, ...]]
+VIDEO_KINDS = {"video", "video_image", "omni"}  # the input kinds with frames
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,14 @@ def resolve_model_cfg(name: str, size: str | None = None, **overrides: Any) -> A
         merged = OmegaConf.merge(OmegaConf.structured(spec.cfg_cls), values)
     except OmegaConfBaseException as e:
         raise ValueError(f"model {name!r}, key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    frames = getattr(cfg, "num_frames", 0)
+    if frames and not set(spec.takes(cfg)) & VIDEO_KINDS:
+        # The methods that read videos when asked with these frames (a classifier reads videos with frames).
+        video = [n for n, other in sorted(MODELS.items()) if set(other.takes(cfg)) & VIDEO_KINDS]
+        raise ValueError(f"model {name!r} reads {' or '.join(spec.takes(cfg))} input, so num_frames={frames} does not "
+                         f"apply (leave it 0); methods that read videos: {', '.join(video)}")
+    return cfg
 
 
 def build_from_cfg(name: str, cfg: Any, *, init: bool = True, device: str | torch.device | None = None) -> nn.Module:

@@ -56,6 +56,15 @@ def test_mae_vit_huge_is_patch_14() -> None:
     assert resolve_model_cfg("mae", "vit_huge").patch_size == 14  # MAE's ViT-H/14
 
 
+@pytest.mark.parametrize("method", ["mae", "simmim", "bevt_spatial", "m3ae", "retrieval"])
+def test_an_image_method_refuses_frames_by_name(method: str) -> None:
+    """create_model("mae", num_frames=16) used to die in a tuple unpack inside the patch embedding."""
+    with pytest.raises(ValueError, match=f"model '{method}' reads .* so num_frames=16 does not apply") as e:
+        mmmae.create_model(method, size="vit_tiny_test", num_frames=16)
+    assert "videomae" in str(e.value)
+    assert mmmae.create_model("classifier", size="vit_tiny_test", img_size=32, patch_size=8, num_frames=4)
+
+
 def test_overrides_beat_the_recipe() -> None:
     cfg = resolve_model_cfg("videomae", "vit_base", decoder_embed_dim=512)
     assert cfg.decoder_embed_dim == 512 and cfg.decoder_num_heads == 6
