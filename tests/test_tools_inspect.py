@@ -346,7 +346,7 @@ def test_window_index_search_and_cli(windows: Path) -> None:
     from mmmae.vl.extract import embed_query
     meta = json.loads(Path(f"{windows}.index.json").read_text())
     assert meta["source"]["windows"] == [16, 8] and meta["source"]["window_norm"] == "none"
-    res = runtool_module("search.py", ["--index", str(windows), "--query", str(VIDEOS / "cleaning_pool.mp4"), "--k", "5",
+    res = run_tool("search.py", ["--index", str(windows), "--query", str(VIDEOS / "cleaning_pool.mp4"), "--k", "5",
                                  *VIDEO_DATA])
     lines = [line.split("\t") for line in res.stdout.splitlines()]
     assert [int(r) for r, _, _ in lines] == [1, 2, 3, 4, 5]
