@@ -2,7 +2,8 @@
 
 Position tables and filter kernels are functions of the configuration, not weights: they are kept
 out of state dicts, and a model built on the ``meta`` device gets them back from their recipe when
-it is materialised (``mmmae.registry.materialize``).
+it is materialised (``mmmae.registry.materialize``). A pickled model carries each recipe as the
+table it makes (recipes are often closures over the configuration, which pickle cannot store).
 """
 
 from __future__ import annotations
@@ -13,11 +14,35 @@ import torch
 from torch import nn
 
 
+class _Table:
+    """A recipe that returns a stored table (what a recipe becomes when its module is pickled)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+    def __call__(self) -> torch.Tensor:
+        return self.table.clone()
+
+
+class _Recipe:
+    """``make`` as given; pickled as the table it makes (on CPU)."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]) -> None:
+        self.make = make
+
+    def __call__(self) -> torch.Tensor:
+        return self.make()
+
+    def __reduce__(self) -> tuple[type, tuple[torch.Tensor]]:
+        with torch.device("cpu"):
+            return _Table, (self.make(),)
+
+
 def register_fixed_buffer(module: nn.Module, name: str, make: Callable[[], torch.Tensor]) -> None:
     """Register ``make()`` as a non-persistent buffer and remember how to rebuild it."""
     module.register_buffer(name, make(), persistent=False)
     makers = module.__dict__.setdefault("_fixed_buffer_makers", {})
-    makers[name] = make
+    makers[name] = _Recipe(make)
 
 
 def reset_fixed_buffers(root: nn.Module) -> None:
