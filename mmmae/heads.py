@@ -84,6 +84,10 @@ class LinearProbeHead(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6)
         self.fc = nn.Linear(in_dim, num_classes)
+
+    def init_weights(self) -> None:
+        """MAE main_linprobe.py: trunc_normal_(std=0.01) weight, zero bias (called by the model's
+        ``init_weights``, after construction, as every other initialisation)."""
         nn.init.trunc_normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
@@ -178,6 +182,8 @@ class Classifier(EncoderModel):
         if self.learned_pos:  # the pretraining table until load_encoder_weights brings the checkpoint's
             with torch.no_grad():
                 self.encoder.pos_embed.copy_(self._make_pos_embed())
+        if isinstance(self.head, LinearProbeHead):
+            self.head.init_weights()
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
