@@ -25,9 +25,7 @@ def _tiny_overrides(name: str) -> dict:
     return kw
 
 
-@pytest.mark.parametrize("name", mmmae.list_models())
-def test_meta_build_then_materialize_equals_eager_build(name: str) -> None:
-    kw = _tiny_overrides(name)
+def _assert_meta_equals_eager(name: str, kw: dict, what: str) -> None:
     torch.manual_seed(0)
     eager = mmmae.create_model(name, size="vit_tiny_test", **kw)
     meta = mmmae.create_model(name, size="vit_tiny_test", device="meta", **kw)
@@ -37,10 +35,15 @@ def test_meta_build_then_materialize_equals_eager_build(name: str) -> None:
     eager_state, meta_state = eager.state_dict(), meta.state_dict()
     assert eager_state.keys() == meta_state.keys()
     for k, v in eager_state.items():
-        assert torch.equal(v, meta_state[k]), f"{name}: {k} differs after materialize"
+        assert torch.equal(v, meta_state[k]), f"{what}: {k} differs after materialize"
     meta_buffers = dict(meta.named_buffers())
     for k, v in eager.named_buffers():
-        assert torch.equal(v, meta_buffers[k]), f"{name}: fixed buffer {k} was not rebuilt"
+        assert torch.equal(v, meta_buffers[k]), f"{what}: fixed buffer {k} was not rebuilt"
+
+
+@pytest.mark.parametrize("name", mmmae.list_models())
+def test_meta_build_then_materialize_equals_eager_build(name: str) -> None:
+    _assert_meta_equals_eager(name, _tiny_overrides(name), name)
 
 
 # The structural options of each method (the ones that add, drop or reshape weights and tables), each
@@ -72,15 +75,4 @@ def test_meta_equals_eager_for_every_variant(name: str, key: str, value: object)
     kw = {**_tiny_overrides(name), key: value}
     if key == "rel_pos_bias":
         kw["pos_embed"] = "none"  # BEiT/SimMIM: relative positions instead of an absolute table
-    torch.manual_seed(0)
-    eager = mmmae.create_model(name, size="vit_tiny_test", **kw)
-    meta = mmmae.create_model(name, size="vit_tiny_test", device="meta", **kw)
-    torch.manual_seed(0)
-    materialize(meta, "cpu")
-    eager_state, meta_state = eager.state_dict(), meta.state_dict()
-    assert eager_state.keys() == meta_state.keys()
-    for k, v in eager_state.items():
-        assert torch.equal(v, meta_state[k]), f"{name} {key}={value}: {k} differs after materialize"
-    meta_buffers = dict(meta.named_buffers())
-    for k, v in eager.named_buffers():
-        assert torch.equal(v, meta_buffers[k]), f"{name} {key}={value}: fixed buffer {k} was not rebuilt"
+    _assert_meta_equals_eager(name, kw, f"{name} {key}={value}")
