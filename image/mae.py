@@ -12,6 +12,7 @@ from mmmae.layers.pos_embed import sincos_pos_embed_2d
 from mmmae.masking import check_mask, mask_to_indices, random_mask
 from mmmae.registry import MaskFn, register_model
 from mmmae.targets import HOG_VARIANTS, HOGTarget, image_pixel_target, masked_mse
+from mmmae.visualize import pixel_target_views
 
 
 @dataclass
@@ -82,6 +83,7 @@ def _mae_mask_fn(cfg: MAECfg) -> MaskFn:
 
 
 # MAE keeps one decoder (512 wide, 8 blocks, 16 heads) for ViT-B/L/H (facebookresearch/mae models_mae.py).
-@register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn, takes=("image",), size_recipe={"vit_tiny_test": TEST_DECODER})
+@register_model("mae", MAECfg, make_mask_fn=_mae_mask_fn, takes=("image",), size_recipe={"vit_tiny_test": TEST_DECODER},
+                visualize=pixel_target_views)
 def _build_mae(cfg: MAECfg) -> MAE:
     return MAE(cfg)

@@ -26,6 +26,7 @@ from mmmae.layers.patchify import patchify
 from mmmae.masking import block_mask, check_mask
 from mmmae.registry import MaskFn, register_model
 from mmmae.targets import masked_l1, normalize_per_patch
+from mmmae.visualize import patch_views
 
 WEIGHT_INITS = ("simmim", "mae")
 
@@ -113,6 +114,7 @@ def _simmim_mask_fn(cfg: SimMIMCfg) -> MaskFn:
 
 
 # 32-px mask blocks need a patch size that divides 32: ViT-H takes 16-px patches here.
-@register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn, takes=("image",), size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})
+@register_model("simmim", SimMIMCfg, make_mask_fn=_simmim_mask_fn, takes=("image",),
+                size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}}, visualize=patch_views)
 def _build_simmim(cfg: SimMIMCfg) -> SimMIM:
     return SimMIM(cfg)

@@ -51,7 +51,13 @@ class EncoderModel(nn.Module):
     ``init_weights`` initialises each direct child that has an ``init_weights`` (in registration
     order), ``no_weight_decay`` gathers the children's names under their prefixes, and gradient
     checkpointing is the encoder's. Models override what differs (e.g. a head's own init).
+
+    The rest of the contract, with its defaults: ``learned_pos`` (the encoder's position table is a
+    trained parameter, resized from the pretraining grid when weights load) and ``weight_adapter``
+    (a rewrite of an mmmae-named state dict before it loads, e.g. BEVT's head names).
     """
+
+    learned_pos: bool = False
 
     def init_weights(self) -> None:
         for child in self.children():
@@ -215,7 +221,42 @@ class Classifier(EncoderModel):
         return out
 
 
-@register_model("classifier", ClassifierCfg, takes=lambda cfg: ("video",) if cfg.num_frames else ("image",))
+def _classifier_takes(cfg: ClassifierCfg) -> tuple[str, ...]:
+    return ("video",) if cfg.num_frames else ("image",)
+
+
+def _classifier_example(cfg: ClassifierCfg, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    s, c = cfg.img_size, cfg.in_chans
+    key, shape = ("video", (batch_size, c, cfg.num_frames, s, s)) if cfg.num_frames else ("image", (batch_size, c, s, s))
+    return {key: torch.randn(*shape, generator=g), "label": torch.randint(0, cfg.num_classes, (batch_size,), generator=g)}
+
+
+class Mixup:
+    """timm's Mixup / CutMix on a batch's pixels (soft labels with the classifier's smoothing); a video
+    gets one box on H x W for all its frames (time is folded into channels for the cut)."""
+
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> None:
+        from timm.data import Mixup as TimmMixup
+        self.fn = TimmMixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                            num_classes=num_classes)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        key = "video" if "video" in batch else "image"
+        x = batch[key]
+        flat = x.flatten(1, 2) if x.ndim == 5 else x
+        flat, target = self.fn(flat, batch["label"])
+        return {**batch, key: flat.view_as(x), "label": target}
+
+
+def classifier_batch_transform(train_cfg: Any, cfg: ClassifierCfg) -> Mixup | None:
+    """Fine-tuning's mixup / cutmix (``train.mixup``, ``train.cutmix``), or None when both are 0."""
+    if train_cfg.train.mixup <= 0 and train_cfg.train.cutmix <= 0:
+        return None
+    return Mixup(train_cfg.train.mixup, train_cfg.train.cutmix, cfg.label_smoothing, cfg.num_classes)
+
+
+@register_model("classifier", ClassifierCfg, takes=_classifier_takes, example_batch=_classifier_example,
+                batch_transform=classifier_batch_transform)
 def _build_classifier(cfg: ClassifierCfg) -> Classifier:
     return Classifier(cfg)
 

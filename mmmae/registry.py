@@ -1,7 +1,9 @@
-"""MODELS: method name -> its spec (config dataclass, builder, mask maker, size recipe, inputs).
+"""MODELS: method name -> its spec (config dataclass, builder, inputs, mask maker, size recipe,
+example batch, visualiser, batch transform).
 
 A method registers once, and the engine and tools use only its spec and the model contract
-(:class:`mmmae.heads.EncoderModel`); encoder sizes are data (``configs/sizes/*.yaml``) and describe the encoder
+(:class:`mmmae.heads.EncoderModel`: ``init_weights``, ``no_weight_decay``, ``set_grad_checkpointing``,
+``weight_adapter``, ``learned_pos``, an ``encoder``); encoder sizes are data (``configs/sizes/*.yaml``) and describe the encoder
 only (``PRESET_KEYS``). What a size means for the rest of a method (VideoMAE's decoder narrows with the
 encoder, MAE's does not) is that method's own ``size_recipe``. ``create_model(name, size=...,
 **overrides)`` resolves defaults < size preset < the method's recipe for that size < overrides,
@@ -33,6 +35,19 @@ PRESET_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 # What a method reads, matched against what a data source yields (mmmae.data.registry.INPUT_KINDS).
 Takes = Callable[[Any], tuple[str, ...]]
 VIDEO_KINDS = {"video", "video_image", "omni"}  # the input kinds with frames
+# The batch keys of each input kind (a batch of a mixed source holds one or both of its keys).
+KIND_KEYS = {"image": ("image",), "video": ("video",), "image_text": ("image", "text"),
+             "video_image": ("video", "image"), "omni": ("video", "image")}
+
+# Example batch: (cfg, batch_size, generator) -> the method's input keys (random tensors of the right
+# shapes); :meth:`MethodSpec.example` adds the method's masks.
+ExampleBatch = Callable[[Any, int, torch.Generator], dict[str, torch.Tensor]]
+# Visualiser: (model, batch, out, *, mean, std) -> the four views of ``mmmae.visualize.VIEWS`` (images
+# (B, 3, H, W) or videos (B, 3, T, H, W) in [0, 1]), or None where this output is not pixels.
+Visualize = Callable[..., "dict[str, torch.Tensor] | None"]
+# Batch transform for training: (train cfg, model cfg) -> a function batch -> batch applied on the device
+# before the forward (e.g. the classifier's mixup / cutmix), or None.
+BatchTransform = Callable[[Any, Any], "Callable[[dict[str, Any]], dict[str, Any]] | None"]
 
 
 @dataclass(frozen=True)
@@ -46,13 +61,69 @@ class MethodSpec:
     make_mask_fn: Callable[[Any], MaskFn] | None = None
     # Size preset name -> the method's own fields for that encoder size (e.g. decoder widths).
     size_recipe: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The method's inputs for a contract test or a benchmark; default: random pixels for the input kind.
+    example_batch: ExampleBatch | None = None
+    # Reconstruction pictures (training pictures, tools/visualize.py); None: the method draws none.
+    visualize: Visualize | None = None
+    batch_transform: BatchTransform | None = None
+
+    def input_keys(self, cfg: Any) -> tuple[str, ...]:
+        """The batch keys of the inputs the method reads with ``cfg`` (e.g. ``("video", "image")``)."""
+        return tuple(dict.fromkeys(k for kind in self.takes(cfg) for k in KIND_KEYS[kind]))
+
+    def example(self, cfg: Any, batch_size: int = 2, generator: torch.Generator | None = None
+                ) -> dict[str, torch.Tensor]:
+        """A valid random batch for ``cfg`` on the CPU: the inputs (:attr:`example_batch`, else random
+        pixels of the first input kind) and the masks the data pipeline would add."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        batch = dict((self.example_batch or _pixel_example(self))(cfg, batch_size, g))
+        if self.make_mask_fn is not None and not any(k.endswith("mask") for k in batch):
+            main = next(k for k in ("video", "image", "text") if k in batch)
+            batch.update(self.make_mask_fn(cfg)(batch_size, g, modality=main))
+        return batch
+
+    def batch_counts(self, cfg: Any, batch: dict[str, Any], out: dict[str, Any], tokens_per_sample: int
+                     ) -> tuple[int, int]:
+        """(samples, tokens) a training batch holds, for throughput: samples of the first input key
+        present; tokens are the (B, L) mask's positions (else ``tokens_per_sample`` per sample) plus
+        the text positions."""
+        keys = [k for k in self.input_keys(cfg) if torch.is_tensor(batch.get(k))]
+        if not keys:
+            return 0, 0
+        samples = int(batch[keys[0]].shape[0])
+        mask = out.get("mask")
+        tokens = mask.numel() if torch.is_tensor(mask) and mask.ndim == 2 else tokens_per_sample * samples
+        if "text" in keys:
+            tokens += batch["text"].numel()
+        return samples, tokens
+
+
+def _pixel_example(spec: MethodSpec) -> ExampleBatch:
+    """Random normalised pixels for each pixel key of the method's first input kind: images
+    (B, C, S, S), videos (B, C, T, S, S) with the config's ``in_chans``, ``img_size``, ``num_frames``."""
+    def make(cfg: Any, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        s, c = cfg.img_size, cfg.in_chans
+        shapes = {"image": (batch_size, c, s, s), "video": (batch_size, c, cfg.num_frames, s, s)}
+        return {k: torch.randn(*shapes[k], generator=g) for k in KIND_KEYS[spec.takes(cfg)[0]] if k in shapes}
+    return make
 
 
 MODELS: dict[str, MethodSpec] = {}
 
 
+@dataclass(frozen=True)
+class _Fixed:
+    """``takes`` for a method that reads the same input kinds with any config."""
+    kinds: tuple[str, ...]
+
+    def __call__(self, cfg: Any) -> tuple[str, ...]:
+        return self.kinds
+
+
 def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskFn] | None = None, *,
-                   takes: tuple[str, ...] | Takes, size_recipe: dict[str, dict[str, Any]] | None = None
+                   takes: tuple[str, ...] | Takes, size_recipe: dict[str, dict[str, Any]] | None = None,
+                   example_batch: ExampleBatch | None = None, visualize: Visualize | None = None,
+                   batch_transform: BatchTransform | None = None
                    ) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
     """Register a method: ``@register_model("mae", MAECfg, mask_fn, takes=("image",))`` over its builder."""
     def deco(build: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
@@ -63,8 +134,9 @@ def register_model(name: str, cfg_cls: type, make_mask_fn: Callable[[Any], MaskF
             stray = sorted(set(values) - fields)
             if stray:
                 raise ValueError(f"model {name!r}: size recipe {size!r} sets fields {cfg_cls.__name__} lacks: {stray}")
-        reads: Takes = takes if callable(takes) else (lambda cfg, _t=tuple(takes): _t)
-        MODELS[name] = MethodSpec(name, cfg_cls, build, reads, make_mask_fn, dict(size_recipe or {}))
+        reads: Takes = takes if callable(takes) else _Fixed(tuple(takes))
+        MODELS[name] = MethodSpec(name, cfg_cls, build, reads, make_mask_fn, dict(size_recipe or {}),
+                                  example_batch, visualize, batch_transform)
         return build
     return deco
 
@@ -166,7 +238,11 @@ def build_from_cfg(name: str, cfg: Any, *, init: bool = True, device: str | torc
             return get_spec(name).build(cfg)
     with torch.device(device) if device is not None else nullcontext():
         model = get_spec(name).build(cfg)
-    if init and hasattr(model, "init_weights"):
+    from mmmae.heads import EncoderModel
+    if not isinstance(model, EncoderModel):
+        raise TypeError(f"model {name!r}: its builder returned a {type(model).__name__}; a registered method "
+                        f"builds an mmmae.heads.EncoderModel (the model contract)")
+    if init:
         model.init_weights()
     return model
 
@@ -179,10 +255,9 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
     from mmmae.layers.fixed import reset_fixed_buffers
     model.to_empty(device=device)
     for m in model.modules():
-        if hasattr(m, "reset_parameters"):
+        if hasattr(m, "reset_parameters"):  # torch's own layers (Linear, LayerNorm, ...) have it, others not
             m.reset_parameters()
-    if hasattr(model, "init_weights"):
-        model.init_weights()
+    model.init_weights()
     reset_fixed_buffers(model)
     return model
 

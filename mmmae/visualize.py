@@ -16,7 +16,7 @@ the epsilon inside the root, ``eps_inside_sqrt=True``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from einops import rearrange
@@ -24,7 +24,7 @@ from einops import rearrange
 from mmmae.layers.patchify import patchify, patchify_video, unpatchify, unpatchify_video
 from mmmae.targets import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["VIEWS", "MASK_FILL", "denormalize", "image_views", "video_views"]
+__all__ = ["VIEWS", "MASK_FILL", "denormalize", "image_views", "video_views", "patch_views", "pixel_target_views"]
 
 VIEWS = ("original", "masked", "reconstruction", "pasted")
 MASK_FILL = 0.1  # hidden patches show dark grey in the "masked" view
@@ -86,3 +86,22 @@ def video_views(video: torch.Tensor, pred: torch.Tensor, shown: torch.Tensor, pa
     hidden = unpatchify_video(shown.detach().cpu()[..., None].float().expand(-1, -1, pred.shape[-1]), patch_size,
                               tubelet_size, grid, c)
     return _views(v, rec, hidden)
+
+
+def patch_views(model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
+                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                ) -> dict[str, torch.Tensor] | None:
+    """A method visualiser (``MethodSpec.visualize``) for MAE's layout: ``out["pred"]`` (B, L, p*p*C)
+    over ``batch["image"]`` with ``out["mask"]`` (B, L), de-normalised with the model's
+    ``cfg.norm_pix_loss``; None for a batch without images (M3AE's text-only batches)."""
+    if "image" not in batch or "pred" not in out or "mask" not in out:
+        return None
+    return image_views(batch["image"], out["pred"], out["mask"], model.cfg.patch_size, model.cfg.norm_pix_loss,
+                       mean=mean, std=std)
+
+
+def pixel_target_views(model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
+                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                       ) -> dict[str, torch.Tensor] | None:
+    """:func:`patch_views` for a method whose ``cfg.target`` chooses pixels or HOG: None for HOG."""
+    return patch_views(model, batch, out, mean=mean, std=std) if model.cfg.target == "pixel" else None

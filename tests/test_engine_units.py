@@ -20,6 +20,7 @@ from mmmae.data.collate import MaskCollator, collate_dicts
 from mmmae.data.sampler import MixedBatchSampler, ResumableBatchSampler, SeededDataset
 from mmmae.engine.checkpoint import MARKER, complete_checkpoints, resolve_resume
 from mmmae.engine.optim import layer_id, lr_at, param_groups
+from mmmae.heads import EncoderCfg, EncoderModel, build_vision_encoder
 from mmmae.engine.trainer import (LogWindow, StepResult, TrainData, TrainState, deepspeed_config,
                                   resume_accum_steps)
 
@@ -186,21 +187,26 @@ def test_resume_auto_ignores_partial_checkpoints(tmp_path: Path) -> None:
 
 
 @dataclass
-class _ProbeCfg:
+class _ProbeCfg(EncoderCfg):
     img_size: int = 32
+    patch_size: int = 8
+    embed_dim: int = 8
+    depth: int = 1
+    num_heads: int = 1
     nan_every: int = 1  # 1: every batch is non-finite; 2: batches with an odd first index are
 
 
-class _Probe(nn.Module):
-    """A real (tiny) model whose loss is NaN on chosen batches."""
+class _Probe(EncoderModel):
+    """A real (tiny) model meeting the model contract, whose loss is NaN on chosen batches."""
 
     def __init__(self, cfg: _ProbeCfg) -> None:
         super().__init__()
         self.cfg = cfg
-        self.fc = nn.Linear(3, 1)
+        self.encoder = build_vision_encoder(cfg)
+        self.fc = nn.Linear(cfg.embed_dim, 1)
 
     def forward(self, batch: dict) -> dict:
-        loss = self.fc(batch["image"].mean(dim=(2, 3))).pow(2).mean()
+        loss = self.fc(self.encoder.forward_features(batch["image"]).mean(dim=1)).pow(2).mean()
         if self.cfg.nan_every == 1 or int(batch["index"][0]) % 2 == 1:
             loss = loss * float("nan")
         return {"loss": loss, "probe_loss": loss.detach()}

@@ -1,10 +1,9 @@
 """The model contract, over every registered model (timm-style).
 
 Models are built generically: ``size="vit_tiny_test"`` plus small overrides picked by which fields the
-model's config dataclass has; the input batch comes from the config (``image`` (B, C, H, W), or ``video``
-(B, C, T, H, W) when ``num_frames > 0``), or from ``model.example_batch(batch_size)`` when the model
-defines one (models that need other inputs, e.g. text, should). Masks come from the model's registered
-``make_mask_fn``, as the data pipeline makes them.
+model's config dataclass has; the input batch is the method spec's ``example`` (its registered
+``example_batch``, else random pixels of its input kind; masks from its ``make_mask_fn``, as the data
+pipeline makes them).
 """
 
 from __future__ import annotations
@@ -64,24 +63,8 @@ def _pixel_key(batch: dict[str, torch.Tensor]) -> str | None:
 
 
 def make_batch(name: str, model: nn.Module, cfg: Any, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    example = getattr(model, "example_batch", None)
-    if callable(example):
-        batch = dict(example(B))
-    elif hasattr(cfg, "img_size"):
-        size = cfg.img_size if isinstance(cfg.img_size, (tuple, list)) else (cfg.img_size, cfg.img_size)
-        chans = getattr(cfg, "in_chans", 3)
-        frames = getattr(cfg, "num_frames", 0) or 0
-        shape = (B, chans, frames, *size) if frames > 0 else (B, chans, *size)
-        batch = {"video" if frames > 0 else "image": torch.randn(*shape, generator=gen)}
-    else:
-        pytest.fail(f"{name}: no img_size field and no example_batch(batch_size); cannot make an input batch")
-    spec = get_spec(name)
-    if spec.make_mask_fn is not None and "mask" not in batch:
-        batch.update(spec.make_mask_fn(cfg)(B, gen))
-    if hasattr(cfg, "num_classes") and "label" not in batch:
-        batch["label"] = torch.randint(0, cfg.num_classes, (B,), generator=gen)
-    return batch
+    """The method's own example batch (its spec: inputs, masks, labels), as the engine's tools use it."""
+    return get_spec(name).example(cfg, B, torch.Generator().manual_seed(seed))
 
 
 def run(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -89,7 +72,7 @@ def run(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
         return model(batch)
     except KeyError as e:
         if e.args and e.args[0] not in batch:
-            pytest.fail(f"{name} needs batch key {e.args[0]!r}; give the model an example_batch(batch_size)")
+            pytest.fail(f"{name} needs batch key {e.args[0]!r}; register an example_batch with the method")
         raise
 
 

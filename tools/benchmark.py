@@ -92,17 +92,9 @@ def _ours(cfg: Any, batch_size: int, device: torch.device, seed: int) -> tuple[t
     torch.manual_seed(seed)
     model = build_from_cfg(cfg.model.name, mcfg)
     spec = get_spec(cfg.model.name)
-    video = getattr(mcfg, "num_frames", 0) > 0
-    key = "video" if video else "image"
-    shape = (batch_size, mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size) if video else \
-        (batch_size, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
 
     def make_batch() -> dict:
-        g = torch.Generator().manual_seed(seed)
-        batch = {key: torch.randn(*shape, generator=g)}
-        if spec.make_mask_fn is not None:
-            batch.update(spec.make_mask_fn(mcfg)(batch_size, g, modality=key))
-        return batch
+        return spec.example(mcfg, batch_size, torch.Generator().manual_seed(seed))
 
     return model, make_batch, int(model.encoder.num_patches)
 
@@ -119,7 +111,7 @@ def _hf(cfg: Any, ours_batch: Callable[[], dict], device: torch.device, seed: in
                   decoder_num_attention_heads=mcfg.decoder_num_heads,
                   decoder_intermediate_size=int(mcfg.decoder_embed_dim * mcfg.mlp_ratio),
                   norm_pix_loss=mcfg.norm_pix_loss)
-    if getattr(mcfg, "num_frames", 0) > 0:
+    if "video" in ours_batch():
         from transformers import VideoMAEConfig, VideoMAEForPreTraining
         hcfg = VideoMAEConfig(num_frames=mcfg.num_frames, tubelet_size=mcfg.tubelet_size, **common)
         model = VideoMAEForPreTraining(hcfg)

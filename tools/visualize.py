@@ -67,14 +67,15 @@ def input_stats(cfg: Any) -> tuple[Sequence[float], Sequence[float]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def check_modality(name: str, mcfg: Any, model: torch.nn.Module, kind: str) -> None:
-    """Image methods draw images; video methods videos, and images too where they take an image as a
-    one-tubelet clip (omnimae, bevt: ``num_image_tokens``)."""
-    is_video = bool(getattr(mcfg, "num_frames", 0))
-    if kind == "video" and not is_video:
-        raise ValueError(f"method {name!r} reconstructs images; --input must be an image, got a video")
-    if kind == "image" and is_video and not hasattr(model, "num_image_tokens"):
-        raise ValueError(f"method {name!r} reconstructs videos only; --input must be a video, got an image")
+def check_modality(name: str, mcfg: Any, kind: str) -> None:
+    """The input must be of a kind the method reads (its spec's input keys): image methods draw images,
+    video methods videos, and images too where they take an image as a one-tubelet clip (omnimae, bevt)."""
+    from mmmae.registry import get_spec
+    keys = get_spec(name).input_keys(mcfg)
+    if kind not in keys:
+        other = "an image" if kind == "video" else "a video"
+        raise ValueError(f"method {name!r} reconstructs {' and '.join(k + 's' for k in keys if k != 'text')}; "
+                         f"--input must be {other}, got {'a video' if kind == 'video' else 'an image'}")
 
 
 def read_image(path: str, img_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -174,18 +175,19 @@ def visualize(cfg: Any, checkpoint: str, input_path: str, out_path: str, *, seed
     allowed = IMAGE_OUTPUTS if kind == "image" else VIDEO_OUTPUTS
     if out.suffix.lower() not in allowed:
         raise ValueError(f"--out {out_path}: a {kind} is drawn as {' or '.join(allowed)}, not {out.suffix or 'no suffix'}")
-    if get_spec(name).make_mask_fn is None:
+    spec = get_spec(name)
+    if spec.visualize is None or spec.make_mask_fn is None:
         raise ValueError(f"method {name!r} is not a masked pretraining method: it has no reconstruction to draw")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(cfg, checkpoint, device, strict=True)
-    check_modality(name, mcfg, model, kind)
+    check_modality(name, mcfg, kind)
     mean, std = input_stats(cfg)
     x = read_image(input_path, mcfg.img_size, mean, std) if kind == "image" else read_clip(input_path, cfg, mcfg)
     batch = make_batch(name, mcfg, kind, x, seed, mask_ratio)
     outputs = model({k: v.to(device) for k, v in batch.items()})
-    views = reconstruction_views(model, batch, {k: v.cpu() for k, v in outputs.items()}, mean=mean, std=std)
+    views = reconstruction_views(spec, model, batch, {k: v.cpu() for k, v in outputs.items()}, mean=mean, std=std)
     if views is None:
-        raise ValueError(f"method {name!r} does not predict pixels here (target {getattr(mcfg, 'target', '?')!r}): "
+        raise ValueError(f"method {name!r} does not predict pixels with this config (e.g. a HOG target): "
                          f"there is no reconstruction to draw")
     if kind == "image":
         save_png(views_row(views, 0), out)

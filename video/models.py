@@ -14,7 +14,7 @@ t-major too, so the same slicing is valid with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,13 @@ from mmmae.layers.pos_embed import pos_table
 from mmmae.masking import (beit_block_mask, block_mask, check_mask, cyclic_tube_mask, gather_tokens, mask_to_indices,
                            num_masked_floor, random_mask, running_cell_mask, tube_mask)
 from mmmae.registry import MaskFn, register_model
-from mmmae.targets import HOG_VARIANTS, HOGTarget, image_pixel_target, masked_mse, video_pixel_target
-from mmmae.visualize import image_views, video_views
+from mmmae.targets import (HOG_VARIANTS, IMAGENET_MEAN, IMAGENET_STD, HOGTarget, image_pixel_target, masked_mse,
+                           video_pixel_target)
+from mmmae.visualize import image_views, pixel_target_views, video_views
 
 __all__ = [
     "VideoMAECfg", "VideoMAE", "OmniMAECfg", "OmniMAE", "BEVTSpatialCfg", "BEVTSpatial", "BEVTCfg", "BEVT",
-    "decoder_keep_mask", "video_panel", "views_panel",
+    "decoder_keep_mask",
 ]
 
 
@@ -62,31 +63,6 @@ def image_as_tubelet_tokens(encoder: VisionEncoder, images: torch.Tensor) -> tor
 def _grid3(cfg: EncoderCfg) -> tuple[int, int, int]:
     g = cfg.img_size // cfg.patch_size
     return cfg.num_frames // cfg.tubelet_size, g, g
-
-
-def views_panel(views: dict[str, torch.Tensor], tubelet_size: int, max_rows: int = 2,
-                max_frames: int = 4) -> torch.Tensor:
-    """Video views (B, 3, T, H, W) as one picture: for each of up to ``max_rows`` samples three strips
-    (original | masked input | reconstruction with the visible patches pasted back) of up to
-    ``max_frames`` frames (the first frame of evenly spaced tubelets) -> (3, rows*3*H, frames*W)."""
-    n = min(max_rows, views["original"].shape[0])
-    num_tubelets = views["original"].shape[2] // tubelet_size
-    frames = sorted({int(i) * tubelet_size for i in torch.linspace(0, num_tubelets - 1, min(max_frames, num_tubelets))})
-    rows = [torch.cat([views[k][i, :, f] for f in frames], dim=-1)
-            for i in range(n) for k in ("original", "masked", "pasted")]
-    return torch.cat(rows, dim=-2)
-
-
-def video_panel(video: torch.Tensor, pred: torch.Tensor, shown: torch.Tensor, patch_size: int, tubelet_size: int,
-                norm_pix: bool, max_rows: int = 2, max_frames: int = 4, *,
-                eps_inside_sqrt: bool = False) -> torch.Tensor:
-    """A picture of a video reconstruction, in [0, 1] (:func:`views_panel` of
-    :func:`mmmae.visualize.video_views`). video (B, 3, T, H, W) normalised; pred (B, L, pt*p*p*3) in
-    the VideoMAE target layout; shown (B, L) bool marks the tokens whose prediction is drawn."""
-    n = min(max_rows, video.shape[0])
-    views = video_views(video[:n], pred[:n], shown[:n], patch_size, tubelet_size, norm_pix,
-                        eps_inside_sqrt=eps_inside_sqrt)
-    return views_panel(views, tubelet_size, max_rows, max_frames)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,8 +204,9 @@ class VideoMAE(EncoderModel):
         loss = F.mse_loss(pred.float(), gather_tokens(target, ids_dec).float())
         return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask, "decoded": decoded}
 
-    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
+    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
+                             mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                             ) -> dict[str, torch.Tensor] | None:
         """The four views (``mmmae.visualize.VIEWS``) of ``forward``'s output, each (B, 3, T, H, W)."""
         pred, shown = out["pred"], out.get("decoded", out["mask"])
         if pred.shape[1] != shown.shape[1]:  # decoder masking: scatter the decoded tokens back
@@ -237,10 +214,8 @@ class VideoMAE(EncoderModel):
             full[shown] = pred.reshape(-1, pred.shape[-1])
             pred = full
         return video_views(batch["video"], pred, shown, self.cfg.patch_size, self.cfg.tubelet_size,
-                           self.cfg.norm_pix_loss)
+                           self.cfg.norm_pix_loss, mean=mean, std=std)
 
-    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
 
 def _videomae_mask_fn(cfg: VideoMAECfg) -> MaskFn:
@@ -270,7 +245,8 @@ VIDEOMAE_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn, takes=("video",), size_recipe=VIDEOMAE_SIZES)
+@register_model("videomae", VideoMAECfg, make_mask_fn=_videomae_mask_fn, takes=("video",), size_recipe=VIDEOMAE_SIZES,
+                visualize=VideoMAE.reconstruction_views)
 def _build_videomae(cfg: VideoMAECfg) -> VideoMAE:
     return VideoMAE(cfg)
 
@@ -369,8 +345,9 @@ class OmniMAE(EncoderModel):
         loss = masked_mse(pred, target, mask)
         return {"loss": loss, "mse_loss": loss.detach(), "pred": pred.detach(), "mask": mask}
 
-    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
+    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
+                             mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                             ) -> dict[str, torch.Tensor] | None:
         """The four views of ``forward``'s output: (B, 3, T, H, W) for a video batch; for an image batch
         (B, 3, H, W), drawn from the static clip the image entered as (its first frame)."""
         if "video" in batch:
@@ -378,11 +355,9 @@ class OmniMAE(EncoderModel):
         else:
             clip = batch["image"].unsqueeze(2).expand(-1, -1, self.cfg.tubelet_size, -1, -1)
         views = video_views(clip, out["pred"], out["mask"], self.cfg.patch_size, self.cfg.tubelet_size,
-                            self.cfg.norm_pix_loss, eps_inside_sqrt=True)  # omnivision MAELoss's epsilon
+                            self.cfg.norm_pix_loss, eps_inside_sqrt=True, mean=mean, std=std)  # omnivision MAELoss's epsilon
         return views if "video" in batch else {k: v[:, :, 0] for k, v in views.items()}
 
-    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
 
 def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
@@ -401,7 +376,8 @@ def _omnimae_mask_fn(cfg: OmniMAECfg) -> MaskFn:
 
 # omnivore publishes one OmniMAE pretraining config (ViT-B, omnimae_vitbase_ssv2_in1k.yaml): its decoder
 # (384 wide, 4 blocks, 16 heads) is kept for every encoder size.
-@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn, takes=("omni", "video", "image"), size_recipe={"vit_tiny_test": TEST_DECODER})
+@register_model("omnimae", OmniMAECfg, make_mask_fn=_omnimae_mask_fn, takes=("omni", "video", "image"),
+                size_recipe={"vit_tiny_test": TEST_DECODER}, visualize=OmniMAE.reconstruction_views)
 def _build_omnimae(cfg: OmniMAECfg) -> OmniMAE:
     return OmniMAE(cfg)
 
@@ -535,6 +511,7 @@ def _bevt_spatial_mask_fn(cfg: BEVTSpatialCfg) -> MaskFn:
 
 # BEVT's block masks are in 16-px patches (BEiT): ViT-H takes 16-px patches here.
 @register_model("bevt_spatial", BEVTSpatialCfg, make_mask_fn=_bevt_spatial_mask_fn, takes=("image",),
+                visualize=pixel_target_views,
                 size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})
 def _build_bevt_spatial(cfg: BEVTSpatialCfg) -> BEVTSpatial:
     return BEVTSpatial(cfg)
@@ -611,13 +588,6 @@ class BEVT(EncoderModel):
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
 
-    def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """Both streams, as the joint data source gives them (used by the model contract tests)."""
-        g = torch.Generator().manual_seed(0)
-        s = self.cfg.img_size
-        return {"video": torch.randn(batch_size, self.cfg.in_chans, self.cfg.num_frames, s, s, generator=g),
-                "image": torch.randn(batch_size, self.cfg.in_chans, s, s, generator=g)}
-
     def forward_video(self, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_mask(mask, self.encoder.num_patches, equal_counts=False)
         z = self.encoder.forward_features(video, mask=mask)[:, self.encoder.num_prefix_tokens:]
@@ -657,24 +627,25 @@ class BEVT(EncoderModel):
         assert loss is not None
         return {"loss": loss, **out}
 
-    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
+    def reconstruction_views(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
+                             mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                             ) -> dict[str, torch.Tensor] | None:
         """The four views of ``forward``'s output, video (B, 3, T, H, W) when the batch has one, else
         image (B, 3, H, W). BEVT's targets are per frame (``_FrameTarget``), so each frame is drawn as
         an image with the mask of its tubelet."""
         p, norm_pix = self.cfg.patch_size, self.cfg.norm_pix_loss
+        if self.cfg.target != "pixel":
+            return None
         if "video" not in batch:
-            return image_views(batch["image"], out["image_pred"], out["image_mask"], p, norm_pix)
+            return image_views(batch["image"], out["image_pred"], out["image_mask"], p, norm_pix, mean=mean, std=std)
         video, u = batch["video"], self.cfg.tubelet_size
         t = video.shape[2] // u
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         pred = rearrange(out["pred"], "b (t l) (u p) -> (b t u) l p", t=t, u=u)
         mask = rearrange(out["mask"], "b (t l) -> b t l", t=t).repeat_interleave(u, dim=1).flatten(0, 1)
-        views = image_views(frames, pred, mask, p, norm_pix)
+        views = image_views(frames, pred, mask, p, norm_pix, mean=mean, std=std)
         return {k: rearrange(v, "(b t) c h w -> b c t h w", b=video.shape[0]) for k, v in views.items()}
 
-    def video_panel(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return views_panel(self.reconstruction_views(batch, out), self.cfg.tubelet_size)
 
     def weight_adapter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A ``bevt_spatial`` state (mmmae names) for this model, applied by :func:`mmmae.weights.load`
@@ -708,6 +679,13 @@ def _bevt_video_masker(cfg: BEVTCfg) -> MaskMaker:
     return lambda b, g: cyclic_tube_mask(frames(b, g), grid[0], tube_range, generator=g)
 
 
+def _bevt_example(cfg: BEVTCfg, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Both streams, as the joint data source gives them: a clip and an image per sample."""
+    s, c = cfg.img_size, cfg.in_chans
+    return {"video": torch.randn(batch_size, c, cfg.num_frames, s, s, generator=g),
+            "image": torch.randn(batch_size, c, s, s, generator=g)}
+
+
 def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
     video = _bevt_video_masker(cfg)
     image = _bevt_frame_masker(cfg, "image_mask_type", cfg.image_mask_type, cfg.image_mask_ratio)
@@ -718,6 +696,8 @@ def _bevt_mask_fn(cfg: BEVTCfg) -> MaskFn:
     return make
 
 
-@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, takes=("video_image",), size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})
+@register_model("bevt", BEVTCfg, make_mask_fn=_bevt_mask_fn, takes=("video_image",),
+                size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}},
+                example_batch=_bevt_example, visualize=BEVT.reconstruction_views)
 def _build_bevt(cfg: BEVTCfg) -> BEVT:
     return BEVT(cfg)

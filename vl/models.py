@@ -52,6 +52,7 @@ from mmmae.layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
 from mmmae.masking import check_mask, mask_to_indices, random_mask, restore_tokens
 from mmmae.registry import MaskFn, register_model
 from mmmae.targets import image_pixel_target, masked_mse
+from mmmae.visualize import patch_views
 
 __all__ = ["M3AE", "M3AECfg", "M3AEDecoder", "MultimodalEncoder", "masked_token_cross_entropy", "pool_features",
            "vision_encoder_state"]
@@ -440,8 +441,7 @@ class M3AE(EncoderModel):
 
     def example_batch(self, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """A valid random batch on CPU: image, text with ragged padding, and the pipeline's masks."""
-        g = torch.Generator().manual_seed(seed)
-        return {**random_image_text_batch(self.cfg, batch_size, g), **_m3ae_mask_fn(self.cfg)(batch_size, g)}
+        return _m3ae_example(self.cfg, batch_size, torch.Generator().manual_seed(seed))
 
 
 def random_image_text_batch(cfg: M3AECfg, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -484,6 +484,11 @@ M3AE_SIZES: dict[str, dict[str, int]] = {"vit_tiny_test": TEST_DECODER, "vit_hug
                                            "vit_giant": {"patch_size": 16}}
 
 
-@register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn, takes=("image_text",), size_recipe=M3AE_SIZES)
+def _m3ae_example(cfg: M3AECfg, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {**random_image_text_batch(cfg, batch_size, g), **_m3ae_mask_fn(cfg)(batch_size, g)}
+
+
+@register_model("m3ae", M3AECfg, make_mask_fn=_m3ae_mask_fn, takes=("image_text",), size_recipe=M3AE_SIZES,
+                example_batch=_m3ae_example, visualize=patch_views)
 def _build_m3ae(cfg: M3AECfg) -> M3AE:
     return M3AE(cfg)

@@ -233,6 +233,7 @@ class RetrievalModel(EncoderModel):
         return random_image_text_batch(self.cfg, batch_size, torch.Generator().manual_seed(seed))
 
 
-@register_model("retrieval", RetrievalCfg, takes=("image_text",), size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})  # M3AE's ViT-H/16
+@register_model("retrieval", RetrievalCfg, takes=("image_text",), example_batch=random_image_text_batch,
+                size_recipe={"vit_huge": {"patch_size": 16}, "vit_giant": {"patch_size": 16}})  # M3AE's ViT-H/16
 def _build_retrieval(cfg: RetrievalCfg) -> RetrievalModel:
     return RetrievalModel(cfg)

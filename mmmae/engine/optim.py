@@ -6,14 +6,7 @@ import math
 import re
 from typing import Any
 
-from torch import nn
-
-
-def _no_decay_names(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    if hasattr(model, "no_weight_decay"):
-        names |= set(model.no_weight_decay())
-    return names
+from mmmae.heads import EncoderModel
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -28,12 +21,12 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms (1-D tensors), position tables and special tokens;
-    with ``layer_decay`` < 1 each depth gets lr scale ``layer_decay ** (num_layers + 1 - depth)``."""
-    skip = _no_decay_names(model)
-    enc = getattr(model, "encoder", None)
-    num_layers = len(enc.blocks) if enc is not None and hasattr(enc, "blocks") else 0
+def param_groups(model: EncoderModel, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms (1-D tensors), position tables and the model's
+    ``no_weight_decay`` names (special tokens); with ``layer_decay`` < 1 each depth gets lr scale
+    ``layer_decay ** (num_layers + 1 - depth)``, ``num_layers`` being the encoder's blocks."""
+    skip = set(model.no_weight_decay())
+    num_layers = len(model.encoder.blocks)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -13,6 +13,7 @@ import threading
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +33,7 @@ from mmmae.engine.metrics import MetricsLogger
 from mmmae.engine.optim import lr_at, param_groups
 from mmmae.engine.perf import count_flops, device_peak_tflops
 from mmmae.engine.visualize import panel_for, save_png
-from mmmae.registry import build_from_cfg, get_spec
+from mmmae.registry import MethodSpec, build_from_cfg, get_spec
 
 log = logging.getLogger("mmmae.train")
 
@@ -167,7 +168,7 @@ def load_init_weights(model: torch.nn.Module, path: str, *, strict: bool = True,
 
     if part not in PARTS:
         raise ConfigError(f"init_part must be one of {', '.join(PARTS)}, got {part!r}")
-    learned = _learned_pos(model)
+    learned = model.learned_pos  # the model contract (mmmae.heads.EncoderModel)
     grid, where = pretrain_grid(model.cfg, Path(path)) if learned else (None, "not used")
     report = load(model, path, part=part, strict=strict, source_grid=grid).to_dict()
     if learned:
@@ -175,9 +176,7 @@ def load_init_weights(model: torch.nn.Module, path: str, *, strict: bool = True,
     return report
 
 
-# --- Probes of a dataset, a model and their batches -------------------------------------------------
-# What the loop asks of a dataset or model beyond the wrapper contract. They are kept together here
-# until the method spec names these things.
+# --- What the loop asks of a dataset beyond a map-style Dataset ----------------------------------------
 
 def _own_batch_sampler(dataset: Any) -> bool:
     """A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards."""
@@ -193,42 +192,9 @@ def _dataset_collate(dataset: Any) -> Any:
     return getattr(dataset, "collate_fn", collate_dicts)
 
 
-def _learned_pos(model: torch.nn.Module) -> bool:
-    """A learned position table (resized from the pretraining grid when weights load)."""
-    return bool(getattr(model, "learned_pos", False))
-
-
-def _set_grad_checkpointing(model: torch.nn.Module) -> None:
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-
-
-def _tokens_fallback(model: torch.nn.Module) -> int:
-    """Tokens per sample, for a model whose output carries no (B, L) mask."""
-    return int(getattr(getattr(model, "encoder", None), "num_patches", 0))
-
-
 def _skip_counts(batch: dict[str, Any]) -> dict[str, int]:
     """Unreadable inputs the dataset skipped for this batch, by counter (skipped_videos, skipped_images)."""
     return {k: v for k, v in batch.items() if k.startswith("skipped_") and isinstance(v, int)}
-
-
-def _batch_len(batch: dict[str, Any]) -> int:
-    key = next((k for k in ("video", "image", "text") if torch.is_tensor(batch.get(k))), None)
-    return int(batch[key].shape[0]) if key else 0
-
-
-def _tokens_in(batch: dict[str, Any], out: dict[str, Any], fallback: int) -> int:
-    n = 0
-    mask = out.get("mask") if isinstance(out, dict) else None
-    if torch.is_tensor(mask) and mask.ndim == 2:
-        n += mask.numel()
-    else:
-        key = next((k for k in ("video", "image") if k in batch), None)
-        n += fallback * (batch[key].shape[0] if key else 0)
-    if torch.is_tensor(batch.get("text")):
-        n += batch["text"].numel()
-    return n
 
 
 def _loss_parts(out: dict[str, Any]) -> dict[str, float]:
@@ -299,24 +265,6 @@ class Checkpointer:
 
 # --- Data ---------------------------------------------------------------------------------------------
 
-def build_mixup(cfg: DictConfig, mcfg: Any) -> Any:
-    """timm's Mixup/CutMix for fine-tuning (soft labels with smoothing), or None."""
-    if cfg.train.mixup <= 0 and cfg.train.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-    return Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix,
-                 label_smoothing=mcfg.label_smoothing, num_classes=mcfg.num_classes)
-
-
-def apply_mixup(mixup: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    key = "video" if "video" in batch else "image"
-    x = batch[key]
-    # timm's cutmix cuts the last two axes; fold time into channels so videos get one box on H x W.
-    flat = x.flatten(1, 2) if x.ndim == 5 else x
-    flat, target = mixup(flat, batch["label"])
-    return {**batch, key: flat.view_as(x), "label": target}
-
-
 def timed_batches(loader: Any, on_wait: Callable[[float], None]) -> Iterator[Any]:
     """The loader's batches; the seconds spent waiting for each go to ``on_wait``."""
     it = iter(loader)
@@ -339,8 +287,8 @@ class TrainData:
     and the loader, read from a :class:`TrainState`'s position on, epoch after epoch."""
 
     def __init__(self, cfg: DictConfig, dataset: Any, mask_fn: Any, *, world: int, rank: int, seed: int,
-                 device: torch.device, mixup: Any = None) -> None:
-        self.dataset, self.seed, self.device, self.mixup = dataset, seed, device, mixup
+                 device: torch.device, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self.dataset, self.seed, self.device, self.transform = dataset, seed, device, transform
         if _own_batch_sampler(dataset):
             self.batch_sampler = dataset.make_batch_sampler(cfg.data.batch_size, world, rank, seed)
         else:
@@ -355,7 +303,7 @@ class TrainData:
         self.batches_per_epoch = len(self.batch_sampler)
 
     def batches(self, state: TrainState, on_wait: Callable[[float], None]) -> Iterator[dict[str, Any]]:
-        """Device batches (mixed up when fine-tuning with mixup) from ``state``'s epoch and batch on;
+        """Device batches (through the method's batch transform, e.g. mixup) from ``state``'s epoch and batch on;
         advances ``state.epoch_batches`` per batch and ``state.epoch`` when an epoch runs out."""
         while True:
             self.batch_sampler.set_epoch(state.epoch, start_batch=state.epoch_batches)
@@ -366,7 +314,7 @@ class TrainData:
                 state.epoch_batches += 1
                 state.count_skipped(batch)
                 batch = _batch_to(batch, self.device)
-                yield apply_mixup(self.mixup, batch) if self.mixup is not None else batch
+                yield self.transform(batch) if self.transform is not None else batch
             state.epoch += 1
             state.epoch_batches = 0
 
@@ -397,11 +345,13 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 def train_step(engine: Any, batches: Iterator[dict[str, Any]], state: TrainState, *, accum: int,
                max_nonfinite: int, stop_flag: dict[str, int], own_grad_norm: bool = False,
-               tokens_fallback: int = 0, count_flops_first: bool = False) -> StepResult:
+               count: Callable[[dict[str, Any], dict[str, Any]], tuple[int, int]] | None = None,
+               count_flops_first: bool = False) -> StepResult:
     """One optimizer step: ``accum`` micro-batches with a finite loss, each ``forward -> backward ->
     engine.step()`` (DeepSpeed steps the optimizer at the last). A micro-batch whose loss is non-finite
     on any rank is skipped by every rank (DeepSpeed's counters stay aligned) and another is drawn;
-    ``max_nonfinite`` in a row raise :class:`NonFiniteLossError`. ``state.step`` advances by one."""
+    ``max_nonfinite`` in a row raise :class:`NonFiniteLossError`. ``state.step`` advances by one.
+    ``count(batch, out)`` gives a micro-batch's (samples, tokens) (the method spec's ``batch_counts``)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     samples = tokens = micro = consecutive_bad = 0
@@ -434,8 +384,9 @@ def train_step(engine: Any, batches: Iterator[dict[str, Any]], state: TrainState
         for k, v in _loss_parts(out).items():
             sums[k] = sums.get(k, 0.0) + v
             counts[k] = counts.get(k, 0) + 1
-        samples += _batch_len(batch)
-        tokens += _tokens_in(batch, out, tokens_fallback)
+        if count is not None:
+            n, t = count(batch, out)
+            samples, tokens = samples + n, tokens + t
     state.step += 1
     gn = engine.get_global_grad_norm()
     gn = gn if gn is not None else own_norm
@@ -567,7 +518,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     model = build_from_cfg(name, mcfg)
     init_report = _init_from(model, cfg, out_dir)
     if cfg.train.grad_checkpointing:
-        _set_grad_checkpointing(model)
+        model.set_grad_checkpointing(True)
     # Dropout / drop-path draws differ between ranks (their samples differ too).
     torch.manual_seed(mix_seed(seed, rank, "train"))
 
@@ -583,7 +534,8 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
         log.info("resuming a checkpoint of %d processes on %d: %d accumulation steps keep its %d items per step",
                  saved["world_size"], world, accum, saved["global_batch"])
     data = TrainData(cfg, dataset, spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, world=world, rank=rank,
-                     seed=seed, device=device, mixup=build_mixup(cfg, mcfg))
+                     seed=seed, device=device,
+                     transform=spec.batch_transform(cfg, mcfg) if spec.batch_transform else None)
     if data.batches_per_epoch < accum:
         raise ValueError(f"the dataset gives {data.batches_per_epoch} batches of {cfg.data.batch_size} per process, "
                          f"fewer than {accum} accumulation steps; lower data.batch_size")
@@ -621,7 +573,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                         accum_steps=accum)
     # DeepSpeed reports the gradient norm except with fp32 weights, no ZeRO and no clipping.
     own_grad_norm = engine.zero_optimization_stage() == 0 and precision in ("fp32", "bf16") and not cfg.optim.clip_grad
-    tokens_fallback = _tokens_fallback(model)
+    count = partial(spec.batch_counts, mcfg, tokens_per_sample=model.encoder.num_patches)
     last: StepResult | None = None
     last_record: dict[str, Any] = {}
     engine.train()
@@ -630,7 +582,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
         while state.step < end_step:
             lr = _set_lr(engine, state.step, schedule)
             last = train_step(engine, batches, state, accum=accum, max_nonfinite=cfg.train.max_nonfinite,
-                              stop_flag=stop_flag, own_grad_norm=own_grad_norm, tokens_fallback=tokens_fallback,
+                              stop_flag=stop_flag, own_grad_norm=own_grad_norm, count=count,
                               count_flops_first=window.step_flops is None)
             if last.forward_flops is not None:  # a training step is ~3x its forward (backward ~2x)
                 window.step_flops = 3.0 * accum * last.forward_flops
@@ -645,7 +597,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{last_record.get('loss', float('nan')):.4f}",
                                     sps=f"{last_record['samples_per_s']:.1f}")
             if cfg.train.vis_every and state.step % cfg.train.vis_every == 0 and D.is_main():
-                _save_picture(engine.module, last.batch, last.out, out_dir, state.step, metrics)
+                _save_picture(spec, engine.module, last.batch, last.out, out_dir, state.step, metrics)
             if state.step % cfg.train.ckpt_every == 0 and state.step < end_step:
                 ckpt.save(state)
             # Every rank stops at the same step if any of them was signalled (agreed with the loss check).
@@ -663,7 +615,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
         bar.close()
     path = ckpt.ensure(state)
     if D.is_main() and last is not None:
-        _save_picture(engine.module, last.batch, last.out, out_dir, state.step, metrics)
+        _save_picture(spec, engine.module, last.batch, last.out, out_dir, state.step, metrics)
     weights = consolidated_state_dict(engine, path)
     if D.is_main() and weights is not None:
         save_safetensors(weights, out_dir / "model.safetensors")
@@ -722,12 +674,12 @@ def _set_lr(engine: Any, step: int, schedule: dict[str, Any]) -> float:
     return lr
 
 
-def _save_picture(model: torch.nn.Module, batch: dict[str, Any] | None, out: dict[str, Any] | None,
-                  out_dir: Path, step: int, metrics: MetricsLogger) -> None:
-    if batch is None or out is None:
+def _save_picture(spec: MethodSpec, model: torch.nn.Module, batch: dict[str, Any] | None,
+                  out: dict[str, Any] | None, out_dir: Path, step: int, metrics: MetricsLogger) -> None:
+    if batch is None or out is None or spec.visualize is None:
         return
     try:
-        panel = panel_for(model, batch, out)
+        panel = panel_for(spec, model, batch, out)
     except Exception as e:  # a picture must never stop a run
         log.warning("could not draw the reconstruction picture at step %d: %s", step, e)
         return

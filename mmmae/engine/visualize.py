@@ -1,7 +1,7 @@
 """Pictures of reconstructions: original | masked input | reconstruction (| reconstruction + visible).
 
-The four views come from :mod:`mmmae.visualize` (shared with ``tools/visualize.py`` and the method
-packages); this module lays them out and saves them.
+The four views come from each method's visualiser (``MethodSpec.visualize``, built on
+:mod:`mmmae.visualize`; shared with ``tools/visualize.py``); this module lays them out and saves them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from mmmae.registry import MethodSpec
 from mmmae.targets import IMAGENET_MEAN, IMAGENET_STD
-from mmmae.visualize import VIEWS, image_views
+from mmmae.visualize import VIEWS
 
 
 def views_row(views: dict[str, torch.Tensor], index: int) -> torch.Tensor:
@@ -21,18 +22,23 @@ def views_row(views: dict[str, torch.Tensor], index: int) -> torch.Tensor:
     return torch.cat([views[k][index] for k in VIEWS], dim=-1)
 
 
-def reconstruction_panel(image: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                         norm_pix: bool, max_rows: int = 4, *, mean: Sequence[float] = IMAGENET_MEAN,
-                         std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """One row per sample: original | masked | reconstruction | reconstruction with visible patches
-    pasted back. image (B, 3, H, W) normalised, pred (B, L, p*p*3), mask (B, L) -> (3, rows*H, 4*W) in [0, 1].
-
-    With a per-patch normalised target the prediction is mapped back with the original patch's mean
-    and variance (:func:`mmmae.visualize.image_views`), so the picture shows pixels.
-    """
-    n = min(max_rows, image.shape[0])
-    views = image_views(image[:n], pred[:n], mask[:n], patch_size, norm_pix, mean=mean, std=std)
+def image_panel(views: dict[str, torch.Tensor], max_rows: int = 4) -> torch.Tensor:
+    """Image views (B, 3, H, W) as one picture: a row per sample (up to ``max_rows``) of the four
+    views -> (3, rows*H, 4*W)."""
+    n = min(max_rows, views["original"].shape[0])
     return torch.cat([views_row(views, i) for i in range(n)], dim=-2)
+
+
+def video_panel(views: dict[str, torch.Tensor], max_rows: int = 2, max_frames: int = 4) -> torch.Tensor:
+    """Video views (B, 3, T, H, W) as one picture: for each of up to ``max_rows`` samples three strips
+    (original | masked input | reconstruction with the visible patches pasted back) of up to
+    ``max_frames`` evenly spaced frames -> (3, rows*3*H, frames*W)."""
+    n = min(max_rows, views["original"].shape[0])
+    t = views["original"].shape[2]
+    frames = sorted({int(round(float(i))) for i in torch.linspace(0, t - 1, min(max_frames, t))})
+    rows = [torch.cat([views[k][i, :, f] for f in frames], dim=-1)
+            for i in range(n) for k in ("original", "masked", "pasted")]
+    return torch.cat(rows, dim=-2)
 
 
 def to_uint8(panel_chw: torch.Tensor, min_side: int = 256) -> torch.Tensor:
@@ -51,40 +57,22 @@ def save_png(panel_chw: torch.Tensor, path: str | Path, min_side: int = 256) -> 
     Image.fromarray(arr).save(path)
 
 
-def reconstruction_views(model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], *,
-                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-                         ) -> dict[str, torch.Tensor] | None:
-    """The four views (``mmmae.visualize.VIEWS``) of a pixel method's forward output: images
-    (B, 3, H, W), videos (B, 3, T, H, W), in [0, 1]; None where the output is not pixels (HOG or
-    token targets, classifiers). ``mean``/``std``: the image normalisation of ``batch["image"]``.
-
-    Methods whose prediction is not MAE's image patch layout (tubelets, BEVT's frames) draw their own
-    views (``model.reconstruction_views``); the rest are MAE-layout image predictions."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or getattr(cfg, "target", "pixel") != "pixel":
+def reconstruction_views(spec: MethodSpec, model: Any, batch: dict[str, torch.Tensor],
+                         out: dict[str, torch.Tensor], *, mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> dict[str, torch.Tensor] | None:
+    """The four views (``mmmae.visualize.VIEWS``) of a forward output, drawn by the method's own
+    visualiser (``spec.visualize``): images (B, 3, H, W), videos (B, 3, T, H, W), in [0, 1]; None where
+    the method draws none or this output is not pixels. ``mean``/``std``: the normalisation of the
+    batch's images."""
+    if spec.visualize is None:
         return None
-    if hasattr(model, "reconstruction_views"):
-        return model.reconstruction_views(batch, out)
-    if "image" not in batch or "pred" not in out or "mask" not in out:
-        return None
-    p, pred = cfg.patch_size, out["pred"]
-    if pred.shape[1] != out["mask"].shape[1] or pred.shape[-1] != p * p * batch["image"].shape[1]:
-        return None
-    return image_views(batch["image"], pred, out["mask"], p, bool(getattr(cfg, "norm_pix_loss", False)),
-                       mean=mean, std=std)
+    return spec.visualize(model, batch, out, mean=mean, std=std)
 
 
-def panel_for(model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The reconstruction picture for pixel methods; None where the output is not pixels. Videos show
-    their middle tubelet's first frame."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or "pred" not in out or "mask" not in out or getattr(cfg, "target", "pixel") != "pixel":
+def panel_for(spec: MethodSpec, model: Any, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+              ) -> torch.Tensor | None:
+    """The training picture: :func:`image_panel` or :func:`video_panel` of the method's views, or None."""
+    views = reconstruction_views(spec, model, batch, out)
+    if views is None:
         return None
-    if "image" in batch and out["pred"].shape[1] == out["mask"].shape[1] and not getattr(cfg, "num_frames", 0):
-        p = cfg.patch_size
-        if out["pred"].shape[-1] != p * p * 3:
-            return None
-        return reconstruction_panel(batch["image"], out["pred"], out["mask"], p, bool(getattr(cfg, "norm_pix_loss", False)))
-    if "video" in batch and hasattr(model, "video_panel"):
-        return model.video_panel(batch, out)
-    return None
+    return video_panel(views) if views["original"].ndim == 5 else image_panel(views)
