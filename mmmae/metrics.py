@@ -6,8 +6,10 @@ one definition.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -77,3 +79,22 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: 
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
     out["r_mean"] = out["rsum"] / 6
     return out
+
+
+def _json_clean(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_clean(v) for v in x]
+    return x
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    """Write a JSON report (non-finite numbers become null, so the file stays valid JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_clean(report), indent=1))
+    tmp.replace(path)

@@ -42,3 +42,39 @@ def test_normal_install_has_every_package_config_and_model(tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("mae", "simmim", "videomae", "omnimae", "bevt", "bevt_spatial", "m3ae", "retrieval", "classifier"):
         assert f"'{name}'" in res.stdout
+
+
+# Who may import whom (DESIGN.md): the core never imports a method package, the engine or tools;
+# method packages import neither the engine, tools nor each other.
+_LAYERS = {
+    "mmmae": ("mmmae.image", "mmmae.video", "mmmae.vl", "mmmae.engine", "tools"),
+    "mmmae/engine": ("mmmae.image", "mmmae.video", "mmmae.vl", "tools"),
+    "image": ("mmmae.video", "mmmae.vl", "mmmae.engine", "tools"),
+    "video": ("mmmae.image", "mmmae.vl", "mmmae.engine", "tools"),
+    "vl": ("mmmae.image", "mmmae.video", "mmmae.engine", "tools"),
+}
+
+
+def _imports(path: Path) -> list[str]:
+    import ast
+    mods: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            mods.append(node.module)
+        elif isinstance(node, ast.Import):
+            mods.extend(a.name for a in node.names)
+    return mods
+
+
+def test_layering_core_engine_and_methods_import_only_downwards() -> None:
+    root = Path(__file__).resolve().parents[1]
+    seen, bad = 0, []
+    for layer, forbidden in _LAYERS.items():
+        for f in sorted((root / layer).rglob("*.py")):
+            if layer == "mmmae" and (root / "mmmae" / "engine") in f.parents:
+                continue  # the engine has its own row
+            seen += 1
+            bad += [f"{f.relative_to(root)} imports {m}" for m in _imports(f)
+                    if any(m == x or m.startswith(x + ".") for x in forbidden)]
+    assert seen > 40, seen  # the walk found the packages
+    assert not bad, bad

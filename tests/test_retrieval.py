@@ -300,7 +300,7 @@ def test_extract_videos_into_the_joint_space(runs: dict[str, Path], tmp_path: Pa
     assert "mean over" in rep["embedding"] and rep["protocol"]["pooling"] == "mean over frames"
 
     # A list file (``path label`` lines under --root) gives the same rows, in list order, in process.
-    from mmmae.vl.extract import extract
+    from mmmae.embedding import extract
     listing = tmp_path / "videos.txt"
     listing.write_text("cleaning_pool.mp4 1\ncorrupted.mp4 0\narm_wrestling.mp4 5\n")
     cfg = load_config("retrieval_coco_tiny.yaml")
@@ -316,7 +316,7 @@ def test_extract_videos_into_the_joint_space(runs: dict[str, Path], tmp_path: Pa
 @pytest.mark.slow
 def test_eval_on_m3ae_and_unreadable_images(runs: dict[str, Path], tmp_path: Path) -> None:
     from mmmae.vl.evaluation import evaluate_retrieval
-    from mmmae.vl.extract import extract
+    from mmmae.embedding import extract
 
     # Straight on the M3AE checkpoint: pooled encoder features, no projection.
     cfg = load_config("m3ae_tiny.yaml", coco_overrides())

@@ -185,7 +185,7 @@ def test_visualize_names_what_is_wrong(runs: dict[str, Path], tmp_path: Path,
 
 
 def test_window_starts_are_videomaev2s() -> None:
-    from mmmae.vl.extract import parse_windows, window_offsets, window_starts
+    from mmmae.video.extract import parse_windows, window_offsets, window_starts
     # extract_tad_feature.py: range(0, num_frames - 15, 4) (THUMOS14) and stride 16 (FineAction).
     for n in (16, 17, 31, 280, 300):
         assert window_starts(n, 16, 4) == list(range(0, n - 15, 4))
@@ -252,7 +252,7 @@ def test_layer_takes_a_blocks_output(runs: dict[str, Path], tmp_path: Path) -> N
     import mmmae
     from safetensors.torch import load_file
 
-    from mmmae.vl.extract import extract_windows
+    from mmmae.video.extract import extract_windows
     cfg = load_config("video_mae_tiny.yaml", VIDEO_DATA)
     listing = tmp_path / "one.txt"
     listing.write_text("applying_eye_makeup.avi\n")
@@ -307,7 +307,7 @@ def image_index(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_search_agrees_with_brute_force(image_index: Path) -> None:
-    from mmmae.vl.extract import embed_query
+    from mmmae.embedding import embed_query
     search = tool_module("search")
     meta = json.loads(Path(f"{image_index}.index.json").read_text())
     assert meta["kind"] == "flat" and meta["rows"] == 79 and meta["dim"] == 32
@@ -343,7 +343,7 @@ def test_ivf_index_searched_exhaustively_is_exact(runs: dict[str, Path], image_i
 
 
 def test_window_index_search_and_cli(windows: Path) -> None:
-    from mmmae.vl.extract import embed_query
+    from mmmae.video.extract import embed_window_query
     meta = json.loads(Path(f"{windows}.index.json").read_text())
     assert meta["source"]["windows"] == [16, 8] and meta["source"]["window_norm"] == "none"
     res = run_tool("search.py", ["--index", str(windows), "--query", str(VIDEOS / "cleaning_pool.mp4"), "--k", "5",
@@ -351,8 +351,8 @@ def test_window_index_search_and_cli(windows: Path) -> None:
     lines = [line.split("\t") for line in res.stdout.splitlines()]
     assert [int(r) for r, _, _ in lines] == [1, 2, 3, 4, 5]
     # The query is its middle 16-frame window, embedded as the rows were.
-    vec = embed_query(load_config("video_mae_tiny.yaml", VIDEO_DATA), meta["source"]["checkpoint"],
-                      str(VIDEOS / "cleaning_pool.mp4"), "video", windows=[16, 8])[0].numpy()
+    vec = embed_window_query(load_config("video_mae_tiny.yaml", VIDEO_DATA), meta["source"]["checkpoint"],
+                             str(VIDEOS / "cleaning_pool.mp4"), length=16)[0].numpy()
     ids, scores = _brute_force(windows, vec, 5)
     assert [i for _, _, i in lines] == ids
     assert np.allclose([float(s) for _, s, _ in lines], scores, rtol=1e-5, atol=1e-4)

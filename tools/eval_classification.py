@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mmmae.config import load_config_or_exit
     cfg = load_config_or_exit(args.config, overrides)
-    from mmmae.engine.metrics import write_report
+    from mmmae.metrics import write_report
     from mmmae.image.evaluation import evaluate_image_classifier
     report = evaluate_image_classifier(cfg, args.checkpoint)
     write_report(report, args.out)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_or_exit(args.config, overrides)
     from mmmae.video.evaluation import evaluate_kinetics
     report = evaluate_kinetics(cfg, args.checkpoint, views_per_forward=args.views_per_forward)
-    from mmmae.engine.metrics import write_report
+    from mmmae.metrics import write_report
     write_report(report, args.out)
     m = report["metrics"]
     logging.getLogger("mmmae.eval").info(

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from mmmae.engine.metrics import write_report
+    from mmmae.metrics import write_report
     write_report(report, args.out)
     m, pr = report["metrics"], report["protocol"]
     logging.getLogger("mmmae.eval").info(

@@ -14,7 +14,7 @@ with one caption per line (ids = line numbers, from 1) or a COCO captions json (
 What a row is: a ``retrieval`` model gives its joint-space embeddings (a video = the mean of its
 centre-clip frames' image embeddings), so videos, images and captions compare by cosine similarity;
 ``m3ae`` gives pooled encoder features; video and image pretraining / classifier models give
-mean-pooled encoder features (no text). See mmmae.vl.extract for the full table.
+mean-pooled encoder features (no text). See mmmae.embedding for the full table.
 
 --layer K: block K's output (0-based, negative from the end; no final norm) mean-pooled over the patch
 tokens, from the encoder's forward_intermediates, instead of the model's embedding (images, videos).
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extract(cfg: "DictConfig", args: argparse.Namespace) -> dict:
-    from mmmae.vl.extract import extract, extract_windows, parse_windows
+    from mmmae.embedding import extract
+    from mmmae.video.extract import extract_windows, parse_windows
     common = {"normalize": args.normalize, "root": args.root, "batch_size": args.batch_size or None,
               "progress": not args.no_progress, "layer": args.layer}
     if not args.windows:

@@ -28,15 +28,19 @@ def run_search(index_path: str, query: str, *, k: int = 10, modality: str | None
     """Embed ``query`` as the index's rows were and return ``{"query", "modality", "index", "matches":
     [{"rank", "id", "score", "row"}]}``, best first."""
     from mmmae.index import load_index, resolve_index, search
-    from mmmae.vl.extract import embed_query, query_modality
+    from mmmae.embedding import embed_query, query_modality
 
     index, meta, ids = load_index(index_path, available=available)
     src = meta["source"]
     modality = modality or query_modality(query)
     cfg = load_config(config or src["config"], [*(src["overrides"] if config is None else []), *(overrides or [])])
-    vec = embed_query(cfg, checkpoint or src["checkpoint"], query, modality, layer=src.get("layer"),
-                      windows=src.get("windows"), window_norm=src.get("window_norm") or "none",
-                      normalize=bool(src.get("normalize")))
+    ckpt, layer, normalize = checkpoint or src["checkpoint"], src.get("layer"), bool(src.get("normalize"))
+    if modality == "video" and src.get("windows"):  # rows are windows: the query is its middle window
+        from mmmae.video.extract import embed_window_query
+        vec = embed_window_query(cfg, ckpt, query, length=int(src["windows"][0]), layer=layer,
+                                 window_norm=src.get("window_norm") or "none", normalize=normalize)
+    else:
+        vec = embed_query(cfg, ckpt, query, modality, layer=layer, normalize=normalize)
     if vec.shape[1] != meta["dim"]:
         raise ValueError(f"the {modality} query embeds to {vec.shape[1]} dims but the index rows have {meta['dim']} "
                          f"(model {cfg.model.name!r}); give the --config/--checkpoint the index was built with")

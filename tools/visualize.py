@@ -167,7 +167,7 @@ def visualize(cfg: Any, checkpoint: str, input_path: str, out_path: str, *, seed
     from mmmae.config import model_cfg
     from mmmae.engine.visualize import reconstruction_views, save_png, views_row
     from mmmae.registry import get_spec
-    from mmmae.vl.extract import load_model
+    from mmmae.embedding import load_model
 
     name, mcfg = cfg.model.name, model_cfg(cfg.model)
     kind = input_kind(input_path)

@@ -1,7 +1,7 @@
 """Video methods (VideoMAE, OmniMAE, BEVT-style) and video data: decoding, clip sampling, transforms,
 datasets and the ``data.dataset`` sources they register."""
 
-from mmmae.video import sources  # noqa: F401  (registers the video data sources)
+from mmmae.video import extract, sources  # noqa: F401  (register the video data sources and video inputs)
 from mmmae.video.models import (BEVT, BEVTCfg, BEVTSpatial, BEVTSpatialCfg, OmniMAE, OmniMAECfg, VideoMAE,
                                 VideoMAECfg)
 

@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from mmmae.data.quality import ReadFailures
+from mmmae.targets import IMAGE_STATS, image_stats  # named normalisations live in the core
 from mmmae.vl.tokenizers import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,21 +73,7 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
-# Per-channel (mean, std) that images in [0, 1] are normalised with, by the names of
-# young-geng/m3ae_public m3ae/data.py ``ImageTextDataset`` (``config.image_normalization``, default
-# "cc12m": CC12M's own statistics; "imagenet" is its ImageNet datasets' default; "none" leaves [0, 1]).
-IMAGE_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "cc12m": ((0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
 
-
-def image_stats(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """(mean, std) of a normalisation named as in M3AE's data config (``IMAGE_STATS``)."""
-    if name not in IMAGE_STATS:
-        raise ValueError(f"image normalisation must be one of {', '.join(IMAGE_STATS)}, got {name!r}")
-    return IMAGE_STATS[name]
 # What PIL raises on missing, truncated or non-image files. Anything else (a transform bug) must
 # surface, not be mistaken for bad data.
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

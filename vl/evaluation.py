@@ -31,7 +31,8 @@ from omegaconf import DictConfig
 from mmmae.config import model_cfg
 from mmmae.metrics import retrieval_metrics
 from mmmae.vl.data import RetrievalSplit, load_caption_source
-from mmmae.vl.extract import Embedder, embed_image_files, embed_texts, image_transform, load_model
+from mmmae.embedding import Embedder, load_model
+from mmmae.vl.extract import embed_image_files, embed_texts, image_transform
 
 log = logging.getLogger(__name__)
 

@@ -44,22 +44,3 @@ class MetricsLogger:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _json_clean(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_clean(v) for v in x]
-    return x
-
-
-def write_report(report: dict[str, Any], path: str | Path) -> None:
-    """Write a JSON report (non-finite numbers become null, so the file stays valid JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_clean(report), indent=1))
-    tmp.replace(path)
