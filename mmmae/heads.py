@@ -71,6 +71,10 @@ class EncoderModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
 
+    def weight_adapter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An mmmae-named state dict rewritten for this model before it loads (default: as it is)."""
+        return state
+
 
 def pool_tokens(x: torch.Tensor, num_prefix_tokens: int, global_pool: str) -> torch.Tensor:
     """(B, P+L, D) -> (B, D): mean over patch tokens (``avg``) or the [cls] token (``token``)."""

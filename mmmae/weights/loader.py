@@ -121,14 +121,20 @@ def load(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], *, l
     :data:`mmmae.weights.LAYOUTS`; ``part``: ``"all"``, ``"encoder"`` or ``"auto"`` (module docstring);
     ``source_grid``: the token grid the weights were trained on when the stored table does not say
     (a square grid, per time slice for videos, is assumed otherwise); ``adapter``: a model-specific
-    rewrite of the mmmae-named state (default: the model's ``weight_adapter`` method, if it has one).
+    rewrite of the mmmae-named state (default: the model's ``weight_adapter``, part of the model contract
+    :class:`mmmae.heads.EncoderModel`; none for another module).
     Returns the :class:`LoadReport`; strict: raises :class:`WeightsError` instead of a partial load."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     src = read_source(source)
     converted = convert(src.state, layout, src.name())
     return load_converted(model, converted, src, part=part, strict=strict, source_grid=source_grid,
-                          adapter=adapter if adapter is not None else getattr(model, "weight_adapter", None))
+                          adapter=adapter if adapter is not None else _contract_adapter(model))
+
+
+def _contract_adapter(model: nn.Module) -> Adapter | None:
+    from mmmae.heads import EncoderModel
+    return model.weight_adapter if isinstance(model, EncoderModel) else None
 
 
 def load_converted(model: nn.Module, c: Converted, src: Source, *, part: str, strict: bool,
