@@ -26,18 +26,58 @@ def skip_counter_name(sample: dict[str, Any]) -> str:
     return "skipped_inputs"
 
 
+INPUT_KEYS = ("video", "image")  # a sample whose input is None has nothing to stack: it was unreadable
+VERDICT_KEYS = ("valid", "unreadable", "error")  # what a reader says about a read (read_item's fields)
+
+
+def _readable(sample: dict[str, Any]) -> bool:
+    return sample.get("valid", True) is not False and all(sample.get(k, 0) is not None for k in INPUT_KEYS)
+
+
+def _failure(sample: dict[str, Any]) -> dict[str, Any]:
+    """An unreadable sample as the evaluators list it: its file, index, label and the reason."""
+    entry: dict[str, Any] = {}
+    path = sample.get("unreadable") or sample.get("path")
+    if path is not None:
+        entry["path"] = path
+    entry.update({k: sample[k] for k in ("index", "label", "error") if k in sample})
+    return entry
+
+
+def _column(values: list[Any]) -> Any:
+    if any(v is None or isinstance(v, str) for v in values):
+        return values  # captions, paths, string ids
+    return default_collate(values)
+
+
 def collate_dicts(samples: Sequence[Any]) -> dict[str, Any]:
-    """Stack dict samples; the per-sample ``skipped`` count becomes one integer counter named for
-    what was skipped (``skipped_videos``, ``skipped_images``); strings stay lists."""
+    """The one collate: dict samples (or lists of repeated views, flattened in order) -> a batch.
+
+    - tensors and numbers are stacked (``default_collate``); a field holding strings or None stays a list;
+    - the per-sample ``skipped`` counts become one integer counter named for what was skipped
+      (``skipped_videos``, ``skipped_images``: :func:`skip_counter_name`);
+    - samples that carry a reader's verdict (``valid`` / ``error``: evaluation) or whose input
+      (``image`` / ``video``) is None were unreadable: they are set aside, not stacked. The batch then
+      holds the readable samples only, ``valid`` (their bool tensor, all True), ``unreadable`` (the files
+      set aside) and ``failed`` (``{"path", "index", "label", "error"}`` per sample set aside, as far as
+      the sample has them). With no readable sample every field is None (``valid`` empty).
+    """
     flat = flatten_samples(samples)
-    counter_name = skip_counter_name(flat[0])
+    if not flat:
+        raise ValueError("collate_dicts: an empty batch")
     skipped = sum(int(s.get("skipped", 0)) for s in flat)
-    keys = [k for k in flat[0] if k != "skipped"]
-    batch: dict[str, Any] = {}
-    for k in keys:
-        vals = [s[k] for s in flat]
-        batch[k] = vals if isinstance(vals[0], (str, type(None))) else default_collate(vals)
-    batch[counter_name] = skipped
+    counter = skip_counter_name(flat[0])
+    kept = [s for s in flat if _readable(s)]
+    verdicts = len(kept) < len(flat) or any("valid" in s or "error" in s for s in flat)
+    skip = {"skipped", *VERDICT_KEYS} if verdicts else {"skipped"}
+    keys = [k for k in (kept or flat)[0] if k not in skip]
+    batch: dict[str, Any] = {k: _column([s[k] for s in kept]) if kept else None for k in keys}
+    if verdicts:
+        gone = [s for s in flat if not _readable(s)]
+        batch["valid"] = torch.ones(len(kept), dtype=torch.bool)
+        batch["unreadable"] = [_failure(s).get("path") for s in gone]
+        batch["failed"] = [_failure(s) for s in gone]
+    batch[counter] = skipped
     return batch
 
 

@@ -1,4 +1,5 @@
-"""Samplers: a seeded, resumable distributed sampler and a per-sample seeding wrapper."""
+"""The one seed scheme (:func:`mix_seed`), samplers (seeded, resumable, distributed) and dataset wrappers
+(per-sample seeding, first items)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from torch.utils.data import Dataset, Sampler
 
 
 def mix_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any hashable parts (Python's hash() is salted per process)."""
+    """A stable 63-bit seed from any parts with a stable ``repr`` (ints, strings, None): the one seed
+    scheme of the data pipeline (samplers, masks, augmentation, replacement draws). Python's hash() is
+    salted per process; a linear mix such as ``seed * 1_000_003 + epoch * 10_007 + i`` repeats seeds
+    across epochs once a data set has more than 10_007 items; a hash keeps every tuple apart."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -75,6 +79,31 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, self.epoch, index))
             return self.dataset[index]
+
+
+class FirstItems(Dataset):
+    """The first ``limit`` items of a dataset (``data.limit``), keeping its ``set_epoch`` and other
+    attributes, which ``torch.utils.data.Subset`` hides."""
+
+    def __init__(self, dataset: Dataset, limit: int) -> None:
+        self.dataset, self.limit = dataset, min(int(limit), len(dataset))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "limit"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.limit:
+            raise IndexError(f"index {index} out of range for {self.limit} items")
+        return self.dataset[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
