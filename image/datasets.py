@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,25 +13,27 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmmae.data.quality import ReadFailures
+from mmmae.data.quality import ReadFailures, read_item
 from mmmae.data.registry import DataCfg, register_dataset
-
-log = logging.getLogger(__name__)
+from mmmae.data.sampler import FirstItems, mix_seed
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageFolder(Dataset):
     """``root/class_x/xxx.jpg`` (labels from sorted class folders) or a flat folder of images
-    (label -1, for pretraining). Unreadable images are skipped with a warning and counted in the
-    sample's ``skipped`` field. Training (``replace=True``) draws another image deterministically;
-    evaluation (``replace=False``) never substitutes one: the sample keeps its own label, carries a
-    blank image, ``valid=False`` and the file in ``unreadable``, so the evaluation leaves it out and
-    lists it."""
+    (label -1, for pretraining), read through :func:`mmmae.data.quality.read_item`.
+
+    Training (``replace=True``): an unreadable image is skipped with a warning and replaced by an
+    image drawn from (seed, epoch, index, attempt), so a sample depends on neither the worker nor
+    the order; the sample's ``skipped`` counts the skips (``skipped_images`` in the batch).
+    Evaluation (``replace=False``) never substitutes one: the sample keeps its own label and index,
+    has no image, ``valid=False``, the file in ``unreadable`` and the reason in ``error``, so the
+    evaluation leaves it out and lists it."""
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], torch.Tensor],
-                 max_bad_fraction: float = 0.1, *, replace: bool = True) -> None:
-        self.replace = replace
+                 max_bad_fraction: float = 0.1, *, replace: bool = True, seed: int = 0) -> None:
+        self.replace, self.seed, self.epoch = replace, int(seed), 0
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} (data.root)")
@@ -51,28 +52,20 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's replacement draws."""
+        self.epoch = int(epoch)
+
+    def _read(self, i: int) -> Image.Image:
+        with Image.open(self.items[i][0]) as im:
+            return im.convert("RGB")
+
     def __getitem__(self, index: int) -> dict:
-        skipped = 0
-        i = index
-        while True:
-            path, label = self.items[i]
-            try:
-                with Image.open(path) as im:
-                    img = im.convert("RGB")
-            except (OSError, ValueError) as e:
-                skipped += 1
-                if not self.replace:
-                    log.warning("ImageFolder: unreadable image %s (%s): left out of the evaluation", path, e)
-                    return {"image": self.transform(Image.new("RGB", (32, 32))), "label": label, "index": index,
-                            "skipped": skipped, "valid": False, "unreadable": str(path)}
-                self.reads.failed(i, str(path), str(e), total=len(self.items))
-                i = (i * 1_000_003 + 7 + skipped) % len(self.items)
-            else:
-                self.reads.ok(i)
-                sample = {"image": self.transform(img), "label": label, "index": index, "skipped": skipped}
-                if not self.replace:
-                    sample.update(valid=True, unreadable=None)
-                return sample
+        got = read_item(index, len(self.items), self._read, errors=(OSError, ValueError),
+                        name=lambda i: str(self.items[i][0]), reads=self.reads, seed=self.seed, epoch=self.epoch,
+                        replace=self.replace)
+        image = self.transform(got.value) if got.valid else None
+        return {"image": image, "label": self.items[got.item][1], "index": index, **got.fields()}
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -132,7 +125,7 @@ class SyntheticImages(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index, "synthetic"))
         coarse = torch.randn(1, 3, max(self.img_size // 8, 1), max(self.img_size // 8, 1), generator=g)
         img = torch.nn.functional.interpolate(coarse, size=self.img_size, mode="bilinear", align_corners=False)[0]
         return {"image": img, "label": index % self.num_classes, "index": index}
@@ -166,7 +159,7 @@ def _image_transform(cfg, model_cfg):  # noqa: ANN001, ANN202 - cfg is the loade
 
 
 def _limited(ds: Dataset, limit: int) -> Dataset:
-    return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit else ds
+    return FirstItems(ds, limit) if limit else ds
 
 
 @register_dataset("synthetic", SyntheticCfg, "image")
@@ -179,7 +172,8 @@ def _build_image_folder(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
     root = cfg.data.root if split == "train" else (cfg.data.val_root or cfg.data.root)
     from mmmae.data.transforms import eval_transform
     tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size)
-    return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction, replace=split == "train"), cfg.data.limit)
+    return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction, replace=split == "train", seed=cfg.train.seed),
+                    cfg.data.limit)
 
 
 @register_dataset("fashion_mnist", FashionMNISTCfg, "image")
