@@ -16,7 +16,8 @@ import torch
 from conftest import ROOT, VIDEOS
 from mmmae.config import load_config, model_cfg
 from mmmae.data.registry import build_dataset
-from mmmae.video.datasets import VideoClipDataset, mix_seed
+from mmmae.data.sampler import mix_seed
+from mmmae.video.datasets import VideoClipDataset
 from mmmae.video.decoding import (
     AUTO_ORDER,
     VideoDecodeError,
@@ -150,7 +151,7 @@ def test_decode_once_equals_independent_decodes(backend: str, name: str) -> None
                           repeat_mode="independent", seed=7)
     ds.set_epoch(2)
     samples = ds[0]
-    gen = torch.Generator().manual_seed(mix_seed(7, 2, 0))  # the dataset's generator for (seed, epoch, index)
+    gen = torch.Generator().manual_seed(mix_seed(7, 2, 0, "clip"))  # the clip generator of (seed, epoch, index)
     clips = [sampler.train(FRAMES[name], gen) for _ in range(4)]
     assert len({tuple(c) for c in clips}) > 1  # the windows really differ
     for sample, clip in zip(samples, clips):

@@ -19,13 +19,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mmmae.data.collate import collate_dicts
 from mmmae.video.datasets import (
     VideoClipDataset,
     VideoTestDataset,
-    collate_clips,
-    collate_test,
     list_video_folder,
-    mix_seed,
     read_annotation_list,
     read_class_list,
     read_ssv2_annotations,
@@ -405,7 +403,6 @@ def test_clip_dataset_is_deterministic_and_repeats_samples() -> None:
     assert not torch.equal(first[0]["video"], first[1]["video"])  # same frames, crops of their own
     ds.set_epoch(1)
     assert not torch.equal(first[0]["video"], ds[0][0]["video"])
-    assert len({mix_seed(0, e, i) for e in range(3) for i in range(20_000)}) == 60_000
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -424,10 +421,10 @@ def test_clip_dataset_skips_and_counts_corrupt_video(backend: str, caplog: pytes
     assert [s["skipped"] for s in out] == [1, 0]
     assert all(s["label"] == 6 and s["index"] == 0 for s in out)
     assert "corrupted.mp4" in caplog.text
-    batch = collate_clips([out, ds[1]])
+    batch = collate_dicts([out, ds[1]])  # the trainer's collate
     assert batch["video"].shape == (4, 3, 4, 64, 64)
     assert batch["label"].tolist() == [6, 6, 6, 6] and batch["index"].tolist() == [0, 0, 1, 1]
-    assert batch["skipped_videos"] == 1
+    assert batch["skipped_videos"] == 1 and "skipped_images" not in batch
     assert ds.failures == 1 and ds.attempts == 3
 
 
@@ -444,12 +441,12 @@ def test_skip_count_survives_worker_processes() -> None:
         transform=Compose([RandomResizedCropVideo(32), Normalize()]),
     )
     ds.set_epoch(3)
-    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_clips)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_dicts)
     batches = list(loader)
     assert sum(b["skipped_videos"] for b in batches) == 1
     assert [b["index"].tolist() for b in batches] == [[0, 1], [2, 3]]
     # Worker processes draw exactly what the main process draws for (seed, epoch, index).
-    in_main = collate_clips([ds[i] for i in range(4)])
+    in_main = collate_dicts([ds[i] for i in range(4)])
     assert torch.equal(torch.cat([b["video"] for b in batches]), in_main["video"])
 
 
@@ -480,13 +477,16 @@ def test_test_dataset_views_and_unreadable_flag() -> None:
         crop_size=64,
     )
     good, bad = ds[0], ds[1]
-    assert good["ok"] and good["video"].shape == (6, 3, 4, 64, 64) and good["label"] == 6
-    assert not bad["ok"] and bad["video"] is None and "corrupted.mp4" in bad["path"] and bad["error"]
+    assert good["valid"] and good["video"].shape == (6, 3, 4, 64, 64) and good["label"] == 6
+    assert good["unreadable"] is None and good["error"] is None
+    assert bad["valid"] is False and bad["video"] is None and bad["unreadable"] == bad["path"] == v("corrupted.mp4")
+    assert bad["error"] and bad["label"] == 1 and bad["index"] == 1
     # View 1 is clip 0's centre crop: recompute it by hand (VideoMAE's cv2 resize: no antialias).
     clip0 = videomae_test_indices(280, 4, 16, 2)[0]
     frames = ShortSideResize(64, antialias=False)(open_video(v("arm_wrestling.mp4")).read(clip0))
     centre = SpatialCrops(64, 1)(frames)[0]
     assert torch.allclose(good["video"][1], Normalize()(centre), atol=1e-5)
-    batch = collate_test([good, bad])
-    assert batch["video"].shape == (1, 6, 3, 4, 64, 64)
-    assert [f["path"] for f in batch["failed"]] == [v("corrupted.mp4")]
+    batch = collate_dicts([good, bad])
+    assert batch["video"].shape == (1, 6, 3, 4, 64, 64) and batch["label"].tolist() == [6]
+    assert batch["path"] == [v("arm_wrestling.mp4")] and batch["unreadable"] == [v("corrupted.mp4")]
+    assert batch["failed"] == [{"path": v("corrupted.mp4"), "index": 1, "label": 1, "error": bad["error"]}]

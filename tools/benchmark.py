@@ -238,7 +238,7 @@ def _time_decode_once(items: list[tuple[str, int]], sampler: Any, backend: str, 
                       repeat_mode: str) -> dict[str, Any]:
     """Per readable video: K clips' frames read in one call on one reader (what VideoClipDataset does)
     against K readers each reading one clip (K independent decodes). Times summed over the videos."""
-    from mmmae.video.datasets import mix_seed
+    from mmmae.data.sampler import mix_seed
     from mmmae.video.decoding import VideoDecodeError, open_video
 
     once = independent = 0.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import logging
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -21,13 +20,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from mmmae.data.quality import ReadFailures
+from mmmae.data.quality import MAX_RETRIES, ReadFailures, read_item
+from mmmae.data.sampler import mix_seed
 
 from .decoding import VideoDecodeError, VideoReader, check_decode_device, open_video, resolve_backend
 from .sampling import SHORT_MODES, ClipSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform, Normalize, ShortSideResize, SpatialCrops, crop_clip
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "Item",
@@ -36,12 +34,9 @@ __all__ = [
     "read_annotation_list",
     "list_video_folder",
     "read_ssv2_annotations",
-    "mix_seed",
     "REPEAT_MODES",
     "VideoClipDataset",
     "VideoTestDataset",
-    "collate_clips",
-    "collate_test",
 ]
 
 Item = tuple[str, int]
@@ -230,24 +225,6 @@ def read_ssv2_annotations(
     return items
 
 
-def mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed (splitmix64 steps).
-
-    A linear mix such as ``seed * 1_000_003 + epoch * 10_007 + i`` repeats seeds across epochs
-    once a dataset has more than 10_007 items; hashing keeps every (seed, epoch, index) apart.
-    """
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & mask)) & mask
-        h = (h + 0x9E3779B97F4A7C15) & mask
-        z = h
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        h = z ^ (z >> 31)
-    return h >> 1
-
-
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -262,13 +239,13 @@ class VideoClipDataset(Dataset):
     transform run once per sample) gives every sample the same frames, differing only in their
     spatial augmentation (and, in collate, their masks); ``"independent"`` (MAE-ST util/kinetics.py:
     ``get_start_end_idx`` once per ``repeat_aug``) draws each sample's window too. Randomness comes from one
-    ``torch.Generator`` seeded by ``(seed, epoch, i)``, so a sample does not depend on worker
-    count, order or process. Call ``set_epoch`` every epoch (DataLoader workers see it when
+    ``torch.Generator`` seeded by ``mix_seed(seed, epoch, i, "clip")``, so a sample does not depend
+    on worker count, order or process. Call ``set_epoch`` every epoch (DataLoader workers see it when
     they are created per epoch, i.e. without ``persistent_workers``).
 
-    An unreadable video logs a warning and is replaced by another item, drawn from a generator
-    seeded by ``(seed, epoch, i)`` too; ``skipped`` on the first sample counts the videos this
-    call skipped (0 on the rest, so summing over samples counts each skip once). Each dataset
+    An unreadable video logs a warning and is replaced by another item (``read_item``: drawn from
+    (seed, epoch, i, attempt), never one already tried in this call, at most ``max_retries``
+    times); ``skipped`` on the first sample counts the videos this call skipped (0 on the rest, so summing over samples counts each skip once). Each dataset
     copy (one per worker) also keeps a tally and raises ``RuntimeError`` naming the files when
     the skipped share of its reads exceeds ``max_bad_fraction`` after ``min_attempts`` reads,
     or as soon as every item is known bad.
@@ -310,7 +287,7 @@ class VideoClipDataset(Dataset):
         max_bad_fraction: float = 0.1,
         seed: int = 0,
         min_attempts: int = 20,
-        max_retries: int = 50,
+        max_retries: int = MAX_RETRIES,
         num_threads: int = 1,
         sampler: ClipSampler | None = None,
         repeat_mode: str = "shared_window",
@@ -354,38 +331,20 @@ class VideoClipDataset(Dataset):
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
-        replace_gen = _generator(mix_seed(self.seed, self.epoch, index, 1))
-        current = index
-        skipped = 0
-        tried = {index}
-        for _ in range(self.max_retries + 1):
-            path, label = self.items[current]
-            # Known-bad items are decoded again rather than skipped from the tally: a clip from
-            # a partly corrupt file may succeed, and the result must not depend on what this
-            # worker happened to see before.
-            try:
-                # A fresh generator per attempt: the clip drawn from the video finally used
-                # does not depend on how many bad ones came before it.
-                samples = self._load(path, label, index, _generator(mix_seed(self.seed, self.epoch, index)))
-            except VideoDecodeError as e:
-                reason = e.reason
-            else:
-                self.reads.ok(current)
-                samples[0]["skipped"] = skipped
-                return samples
-            skipped += 1
-            self.reads.failed(current, path, reason, total=len(self.items))
-            if len(tried) == len(self.items):
-                break
-            # Replacements avoid items already tried in this call (a deterministic choice; the
-            # per-copy list of bad items is not used, as it differs between workers).
-            while current in tried:
-                current = int(torch.randint(len(self.items), (1,), generator=replace_gen).item())
-            tried.add(current)
-        raise RuntimeError(
-            f"item {index}: no readable video after {self.max_retries + 1} tries; "
-            f"unreadable so far: {self.reads.summary()}"
-        )
+
+        def read(i: int) -> list[dict[str, Any]]:
+            # A fresh generator per attempt: the clip drawn from the video finally used does not
+            # depend on how many bad ones came before it. Known-bad items are decoded again rather
+            # than skipped from the tally: a clip from a partly corrupt file may succeed, and the
+            # result must not depend on what this worker happened to see before.
+            return self._load(*self.items[i], index, _generator(mix_seed(self.seed, self.epoch, index, "clip")))
+
+        got = read_item(index, len(self.items), read, errors=(VideoDecodeError,), name=lambda i: self.items[i][0],
+                        reads=self.reads, seed=self.seed, epoch=self.epoch, max_retries=self.max_retries,
+                        reason=lambda e: e.reason)
+        samples = got.value
+        samples[0]["skipped"] = got.skipped
+        return samples
 
     def _load(self, path: str, label: int, index: int, generator: torch.Generator) -> list[dict[str, Any]]:
         """Decode the union of all samples' frames once, then cut and augment each sample.
@@ -420,10 +379,12 @@ class VideoTestDataset(Dataset):
     """Multi-view evaluation: ``num_clips`` temporal clips x ``num_crops`` spatial crops.
 
     ``dataset[i]`` is ``{"video": float (V, 3, T, S, S) or None, "label", "index": i, "path",
-    "ok", "error"}`` with ``V = num_clips * num_crops`` ordered clip-major (view ``c * num_crops
+    "valid", "unreadable", "error", "ok"}`` with ``V = num_clips * num_crops`` ordered clip-major (view ``c * num_crops
     + s`` is clip c, crop s), frames short-side resized to ``short_side`` (default the crop size
-    S) and normalised. An unreadable video gives ``ok=False``, ``video=None`` and the reason in
-    ``error`` instead of raising, so an evaluator can count and list what it could not score.
+    S) and normalised. An unreadable video is never replaced (``read_item`` in evaluation mode): it
+    gives ``valid=False``, ``video=None``, the file in ``unreadable`` and the reason in ``error``
+    instead of raising, so an evaluator can count and list what it could not score (``collate_dicts``
+    sets it aside in the batch's ``failed``). ``ok`` repeats ``valid``.
 
     The clips come from ``sampler.test`` (default: VideoMAE's dense test clips, kinetics.py
     ``VideoClsDataset`` mode ``test``; segment sampling for SSv2, ssv2.py). The resize is bilinear
@@ -472,67 +433,37 @@ class VideoTestDataset(Dataset):
         self.resize = ShortSideResize(short_side, antialias=antialias)
         self.crops = SpatialCrops(crop_size, num_crops)
         self.normalize = Normalize(mean, std)
+        self.reads = ReadFailures(1.0, "VideoTestDataset", "video")  # names only: evaluation never stops on bad files
+        # How the views are made, for the evaluation report (mmmae.evaluation.classify copies it).
+        self.protocol = {"num_clips": num_clips, "num_crops": num_crops, "num_frames": self.num_frames,
+                         "sampling_rate": self.sampling_rate, "sampling": self.sampler.sampling,
+                         "clip_rule": self.sampler.rule, "crop_size": crop_size, "short_side": short_side,
+                         "resize": "bilinear, " + ("antialiased" if antialias else "no antialias"),
+                         "aggregation": "mean of per-view softmax"}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.items[index]
-        out: dict[str, Any] = {"video": None, "label": label, "index": index, "path": path, "ok": False, "error": None}
-        try:
-            with self.opener(path, self.backend, num_threads=self.num_threads, device=self.decode_device) as reader:
-                clips = self.sampler.test(reader.num_frames, self.num_clips)
-                union = sorted({i for clip in clips for i in clip})
-                frames = reader.read(union).cpu()  # (U, H, W, 3) uint8
-        except VideoDecodeError as e:
-            logger.warning("cannot evaluate %s (item %d): %s", path, index, e.reason)
-            out["error"] = e.reason
-            return out
+    def _views(self, i: int) -> torch.Tensor:
+        """All views of item ``i``: (V, 3, T, S, S)."""
+        with self.opener(self.items[i][0], self.backend, num_threads=self.num_threads,
+                         device=self.decode_device) as reader:
+            clips = self.sampler.test(reader.num_frames, self.num_clips)
+            union = sorted({f for clip in clips for f in clip})
+            frames = reader.read(union).cpu()  # (U, H, W, 3) uint8
         # Resize the distinct frames once, not once per clip.
         frames = self.resize(frames)
         where = {f: k for k, f in enumerate(union)}
         offsets = self.crops.offsets(frames.shape[1], frames.shape[2])
         views = []
         for clip in clips:
-            sel = frames[[where[i] for i in clip]]  # (T, h, w, 3)
+            sel = frames[[where[f] for f in clip]]  # (T, h, w, 3)
             for top, left in offsets:
                 views.append(self.normalize(crop_clip(sel, top, left, self.crop_size, self.crop_size)))
-        out["video"] = torch.stack(views)  # (V, 3, T, S, S)
-        out["ok"] = True
-        return out
+        return torch.stack(views)
 
-
-def collate_clips(samples: Sequence[Sequence[dict[str, Any]] | dict[str, Any]]) -> dict[str, Any]:
-    """Flatten ``VideoClipDataset`` outputs (lists of repeated samples) into one batch.
-
-    Returns:
-        ``{"video": (B, 3, T, H, W), "label": (B,) int64, "index": (B,) int64,
-        "skipped_videos": int}`` where B counts every repeated sample.
-    """
-    flat = [s for group in samples for s in ([group] if isinstance(group, dict) else group)]
-    if not flat:
-        raise ValueError("collate_clips got an empty batch")
-    return {
-        "video": torch.stack([s["video"] for s in flat]),
-        "label": torch.tensor([s["label"] for s in flat], dtype=torch.long),
-        "index": torch.tensor([s["index"] for s in flat], dtype=torch.long),
-        "skipped_videos": int(sum(s.get("skipped", 0) for s in flat)),
-    }
-
-
-def collate_test(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch ``VideoTestDataset`` outputs, setting unreadable videos aside.
-
-    Returns:
-        ``{"video": (B, V, 3, T, S, S) or None, "label": (B,), "index": (B,), "path": [B],
-        "failed": [{"path", "index", "label", "error"}, ...]}`` with B the readable videos.
-    """
-    ok = [s for s in samples if s["ok"]]
-    failed = [{k: s[k] for k in ("path", "index", "label", "error")} for s in samples if not s["ok"]]
-    return {
-        "video": torch.stack([s["video"] for s in ok]) if ok else None,
-        "label": torch.tensor([s["label"] for s in ok], dtype=torch.long),
-        "index": torch.tensor([s["index"] for s in ok], dtype=torch.long),
-        "path": [s["path"] for s in ok],
-        "failed": failed,
-    }
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.items[index]
+        got = read_item(index, len(self.items), self._views, errors=(VideoDecodeError,),
+                        name=lambda i: self.items[i][0], reads=self.reads, replace=False, reason=lambda e: e.reason)
+        return {"video": got.value, "label": label, "index": index, "path": path, **got.fields(), "ok": got.valid}

@@ -22,11 +22,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mmmae.config import model_cfg
+from mmmae.data.collate import collate_dicts
 from mmmae.data.registry import input_data
 from mmmae.embedding import Embedder, InputItem, load_model, progress_bar, read_list, register_inputs, save_rows
 from mmmae.targets import image_stats
 
-from .datasets import VIDEO_EXTENSIONS, VideoTestDataset, collate_test, list_video_folder
+from .datasets import VIDEO_EXTENSIONS, VideoTestDataset, list_video_folder
 from .decoding import VideoDecodeError, open_video
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def embed_videos(emb: Embedder, cfg: DictConfig, items: list[InputItem], *, batc
     ds = VideoTestDataset([(it.path, -1) for it in items], num_frames=num_frames,
                           sampling_rate=d.sampling_rate, num_clips=1, num_crops=1, crop_size=mcfg.img_size,
                           backend=d.backend, short_clip=d.short_clip)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=d.num_workers, collate_fn=collate_test)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=d.num_workers, collate_fn=collate_dicts)
     embs, keep, skipped = [], [], []
     for batch in progress_bar(loader, len(loader), "videos", progress):
         skipped.extend({"id": items[f["index"]].id, "path": f["path"], "reason": f["error"]} for f in batch["failed"])

@@ -2,18 +2,18 @@
 
 A shard holds ``<key>.<video extension>`` members with ``<key>.json`` (``{"label": int, "path": str}``)
 beside them; keys hold no dot, as in WebDataset, where a member's key ends at the first dot of its
-name. Shards are plain (uncompressed) tars, so opening them reads only their headers: each video is
-indexed by its data offset and size and read with one seek. Items are then addressable by index
-like files on disk, and the clip dataset's seeded sampling, skip-and-replace and repeated sampling
-apply unchanged. An item's path reads ``<shard>/<member>``, so an error names both.
+name. Shards are plain (uncompressed) tars, indexed once and read by seek (``mmmae.data.tars``).
+Items are then addressable by index like files on disk, and the clip dataset's seeded sampling,
+skip-and-replace and repeated sampling apply unchanged. An item's path reads ``<shard>/<member>``, so an error names both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tarfile
 from typing import Sequence
+
+from mmmae.data.tars import Member, index_tar, read_member
 
 from .datasets import VIDEO_EXTENSIONS, Item
 from .decoding import VideoDecodeError, VideoReader, open_video
@@ -44,7 +44,7 @@ class ShardIndex:
     """
 
     def __init__(self, shards: Sequence[str]) -> None:
-        self._where: dict[str, tuple[str, int, int]] = {}
+        self._where: dict[str, tuple[str, Member]] = {}
         self.items: list[Item] = []
         for shard in shards:
             self._index(shard)
@@ -52,28 +52,18 @@ class ShardIndex:
             raise ValueError(f"no videos in the shards {list(shards)[:3]}")
 
     def _index(self, shard: str) -> None:
-        if not os.path.isfile(shard):
-            raise FileNotFoundError(f"video shard {shard} not found")
-        videos: list[tuple[str, tarfile.TarInfo]] = []
-        labels: dict[str, int] = {}
-        try:
-            with tarfile.open(shard, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = os.path.basename(member.name)
-                    key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
-                    ext = os.path.splitext(base)[1].lower()
-                    if ext in VIDEO_EXTENSIONS:
-                        videos.append((key, member))
-                    elif ext == ".json":
-                        labels[key] = self._label(shard, member.name, tar.extractfile(member).read())
-        except tarfile.TarError as e:
-            raise ValueError(f"video shard {shard} is not a readable (uncompressed) tar: {e}") from e
-        for key, member in videos:
-            path = f"{shard}/{member.name}"
-            self._where[path] = (shard, member.offset_data, member.size)
-            self.items.append((path, labels.get(key, -1)))
+        samples = index_tar(shard, "video shard")
+        with open(shard, "rb") as f:  # the labels: one handle for all of the shard's small json members
+            for _, parts in samples:
+                label = -1
+                if "json" in parts:
+                    f.seek(parts["json"].offset)
+                    label = self._label(shard, parts["json"].name, f.read(parts["json"].size))
+                for member in parts.values():
+                    if os.path.splitext(member.name)[1].lower() in VIDEO_EXTENSIONS:
+                        path = f"{shard}/{member.name}"
+                        self._where[path] = (shard, member)
+                        self.items.append((path, label))
 
     @staticmethod
     def _label(shard: str, name: str, raw: bytes) -> int:
@@ -88,18 +78,13 @@ class ShardIndex:
     def read_bytes(self, path: str) -> bytes:
         """The stored file of item ``path`` (one seek and one read in its shard)."""
         try:
-            shard, offset, size = self._where[path]
+            shard, member = self._where[path]
         except KeyError:
             raise KeyError(f"{path} is not a video of these shards") from None
         try:
-            with open(shard, "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
+            return read_member(shard, member)
         except OSError as e:
             raise VideoDecodeError(path, f"cannot read the shard: {e}") from e
-        if len(data) != size:
-            raise VideoDecodeError(path, f"shard cut short: {len(data)} of {size} bytes")
-        return data
 
     def open(self, path: str, backend: str = "auto", *, num_threads: int = 1, device: str = "cpu") -> VideoReader:
         """``open_video`` for an item of these shards (the same arguments), decoding from memory."""

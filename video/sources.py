@@ -28,11 +28,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 
 from mmmae.data.registry import DataCfg, get_source, register_dataset
-from mmmae.data.sampler import MixedBatchSampler
+from mmmae.data.sampler import MixedBatchSampler, mix_seed
 from mmmae.heads import ClassifierCfg
 
-from .datasets import (REPEAT_MODES, Item, VideoClipDataset, VideoTestDataset, collate_test, list_video_folder,
-                       mix_seed, read_annotation_list, read_ssv2_annotations)
+from .datasets import (REPEAT_MODES, Item, VideoClipDataset, VideoTestDataset, list_video_folder,
+                       read_annotation_list, read_ssv2_annotations)
 from .sampling import CLIP_RULES, SAMPLINGS, SHORT_MODES, ClipSampler
 from .shards import ShardIndex, read_shard_list
 from .transforms import finetune_transform, pretrain_transform
@@ -156,11 +156,9 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
         raise ValueError(f"data.decode_device={d.decode_device!r} decodes in the loading process: "
                          f"set data.num_workers=0 (got {d.num_workers})")
     if split != "train":
-        ds = VideoTestDataset(items, frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
-                              backend=d.backend, short_clip=d.short_clip, sampler=sampler,
-                              decode_device=d.decode_device, opener=opener)
-        ds.collate_fn = collate_test  # type: ignore[attr-defined]
-        return ds
+        return VideoTestDataset(items, frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
+                                backend=d.backend, short_clip=d.short_clip, sampler=sampler,
+                                decode_device=d.decode_device, opener=opener)
     if finetune:
         transform = finetune_transform(size, scale=(d.min_scale, 1.0), hflip=d.hflip, rand_augment=d.rand_augment,
                                        erase_prob=d.erase_prob)
@@ -266,7 +264,7 @@ class VideoImageDataset(Dataset):
 
     def _image_index(self, k: int) -> int:
         n = len(self.images)  # type: ignore[arg-type]
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, k // n, 2))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, k // n, "images"))
         return int(torch.randperm(n, generator=g)[k % n])
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
@@ -275,7 +273,7 @@ class VideoImageDataset(Dataset):
             if self.images is not None:
                 view["image"] = self.images[self._image_index(index * len(views) + k)]["image"]
             else:
-                g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index, k, 3))
+                g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index, k, "frame"))
                 t = int(torch.randint(view["video"].shape[1], (1,), generator=g))
                 view["image"] = view["video"][:, t].clone()
         return views
