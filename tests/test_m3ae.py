@@ -1,6 +1,6 @@
 """M3AE: the ``captions`` source and every tokenizer path offline, padding and hidden-content
-invariances, unpaired (image-only / text-only) batches, pooled features, and a 2-process DeepSpeed
-run of ``m3ae_tiny.yaml`` on the real COCO sample."""
+invariances, unpaired (image-only / text-only) batches, pooled features, and ``m3ae_tiny.yaml``
+trained from caption tar shards made of the real COCO sample."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mmmae  # noqa: E402
-from conftest import COCO_MINI, run_tool  # noqa: E402
+from conftest import COCO_MINI  # noqa: E402
 from mmmae.config import load_config, model_cfg  # noqa: E402
 from mmmae.data.collate import MaskCollator  # noqa: E402
 from mmmae.data.registry import build_dataset  # noqa: E402
@@ -104,7 +104,7 @@ def test_every_tokenizer_path_works_offline(vocab_txt: Path, hf_dir: Path, monke
         mcfg = model_cfg(cfg.model)
         for split in ("train", "val"):
             ds = build_dataset(cfg, split, mcfg)
-            collate = MaskCollator(get_spec("m3ae").make_mask_fn(mcfg), seed=0, collate=ds.collate_fn)
+            collate = MaskCollator(get_spec("m3ae").make_mask_fn(mcfg), seed=0)  # the trainer's collate
             batch = collate([ds[i] for i in range(2)])
             assert batch["image"].shape == (2, 3, 32, 32) and batch["text"].shape == (2, S)
             assert isinstance(batch["skipped_images"], int)
@@ -312,21 +312,49 @@ def test_image_encoder_transfers_to_the_classifier() -> None:
 
 
 @needs_coco
-@pytest.mark.slow
-def test_train_tool_on_coco_mini(tmp_path: Path) -> None:
-    """tools/train.py on one plain process (the launchers are covered by the engine tests)."""
+def test_trains_from_caption_shards(tmp_path: Path, dist_group: None) -> None:
+    """The ``captions`` source on WebDataset-style tar shards, in-process through the trainer: its
+    resumable sampler draws the members by index, and a corrupt member is skipped and counted. (The
+    same config on the COCO json runs through tools/train.py in test_retrieval.py.)"""
+    import io
+    import tarfile
+
+    from PIL import Image
     from safetensors.torch import load_file
 
-    run = tmp_path / "m3ae"
-    run_tool("train.py", ["--config", "m3ae_tiny.yaml", *coco_overrides(), f"output_dir={run}", "train.progress=false",
-                          "train.max_steps=6", "train.log_every=3", "train.ckpt_every=100", "train.vis_every=0"])
+    from mmmae.engine.trainer import train
+    from mmmae.vl.data import load_coco_captions
+
+    records = load_coco_captions(str(CAPTIONS), str(COCO_MINI / "train2017"))[:7]
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s in range(2):  # 7 good samples and a corrupt one: 2 steps of 4 are one epoch, each read once
+        with tarfile.open(tmp_path / f"coco-{s:03d}.tar", "w") as tar:
+            for k, rec in enumerate(records[4 * s: 4 * s + 4]):
+                buf = io.BytesIO()
+                with Image.open(rec.image_path) as im:
+                    im.convert("RGB").resize((48, 40)).save(buf, format="JPEG")
+                add(tar, f"{s}{k:03d}.jpg", buf.getvalue())
+                add(tar, f"{s}{k:03d}.txt", rec.captions[0].encode())
+            if s == 1:
+                add(tar, "broken.jpg", b"\xff\xd8\xff not a jpeg")
+                add(tar, "broken.txt", b"never read")
+    run = tmp_path / "run"
+    cfg = load_config("m3ae_tiny.yaml", [f"data.captions={tmp_path / 'coco-{000..001}.tar'}", "data.images=''",
+                                         "data.batch_size=4", f"output_dir={run}", "train.max_steps=2",
+                                         "train.log_every=1", "train.ckpt_every=100", "train.vis_every=0",
+                                         "train.progress=false"])
+    assert train(cfg)["step"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [3, 6]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["skipped_images"] == 1
     for r in rows:
         for k in ("loss", "image_loss", "text_loss"):
             assert k in r and math.isfinite(r[k]) and r[k] > 0, (k, r)
         assert r["loss"] == pytest.approx(r["image_loss"] + 0.1 * r["text_loss"], rel=1e-4)
-    state = load_file(str(run / "model.safetensors"))
     model = mmmae.create_model("m3ae", **TINY)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(load_file(str(run / "model.safetensors")), strict=True)
     assert list((run / "vis").glob("step_*.png"))

@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import mmmae.vl.data as vdata  # noqa: E402
+from mmmae.data.collate import collate_dicts  # noqa: E402
+from mmmae.data.sampler import ResumableDistributedSampler  # noqa: E402
 from mmmae.vl.data import (  # noqa: E402
     CaptionDataset,
     CaptionRecord,
     CaptionShards,
     RetrievalSplit,
     build_caption_dataset,
-    collate_captions,
     expand_shard_urls,
     load_caption_source,
     load_coco_captions,
@@ -282,13 +283,13 @@ def test_dataset_modes(coco_train: list[CaptionRecord], openclip_tok: OpenClipBP
     assert s["text"].shape == s["text_pad"].shape == (S,) and s["text_pad"].dtype == torch.bool
     assert torch.equal(s["text"], openclip_tok([s["caption"]])[0][0])
 
-    batch = next(iter(DataLoader(all_ds, batch_size=4, collate_fn=collate_captions)))
+    batch = next(iter(DataLoader(all_ds, batch_size=4, collate_fn=collate_dicts)))
     assert batch["image"].shape == (4, 3, 64, 64)
     assert batch["text"].shape == batch["text_pad"].shape == (4, S)
     assert batch["index"].tolist() == [0, 1, 2, 3] and batch["skipped_images"] == 0
     assert batch["caption"] == coco_train[0].captions[:4] and len(batch["image_id"]) == 4
 
-    plain = collate_captions([CaptionDataset(coco_train[:1], _transform(), None)[0]])
+    plain = collate_dicts([CaptionDataset(coco_train[:1], _transform(), None)[0]])
     assert "text" not in plain and "text_pad" not in plain and plain["image"].shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="mode"):
         CaptionDataset(coco_train, _transform(), None, mode="every")
@@ -398,18 +399,28 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, coco_val: lis
     ds = CaptionDataset(records, _transform(), None, mode="random", seed=0, max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="mmmae.vl.data"):
         samples = [ds[i] for i in range(len(ds))]
+    good_ids = {r.image_id for r in coco_val[:10]}
     for i in (10, 11):
-        assert samples[i]["skipped"] >= 1 and samples[i]["index"] < 10
+        assert samples[i]["skipped"] >= 1 and samples[i]["index"] == i and samples[i]["image_id"] in good_ids
         assert samples[i]["image"].shape == (3, 64, 64) and not samples[i]["caption"].startswith("bad")
-        assert ds[i]["index"] == samples[i]["index"]  # the replacement is deterministic
+        again = ds[i]  # the replacement is deterministic
+        assert again["image_id"] == samples[i]["image_id"] and torch.equal(again["image"], samples[i]["image"])
     assert all(s["skipped"] == 0 for s in samples[:10])
     assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text
     expected = sum(s["skipped"] for s in samples)
 
     # The count rides in the samples, so it survives worker processes.
     fresh = CaptionDataset(records, _transform(), None, mode="random", seed=0, max_bad_fraction=0.5)
-    loader = DataLoader(fresh, batch_size=4, num_workers=2, collate_fn=collate_captions)
+    loader = DataLoader(fresh, batch_size=4, num_workers=2, collate_fn=collate_dicts)
     assert sum(b["skipped_images"] for b in loader) == expected >= 2
+
+    # Evaluation lists an unreadable image and never replaces it.
+    val = CaptionDataset(records, _transform(), None, mode="random", replace=False)
+    flagged = val[10]
+    assert flagged["valid"] is False and flagged["image"] is None and flagged["unreadable"] == str(bad[0])
+    assert flagged["image_id"] == "garbage.jpg" and "skipped" not in flagged
+    batch = collate_dicts([val[9], flagged])
+    assert batch["image"].shape == (1, 3, 64, 64) and batch["unreadable"] == [str(bad[0])]
 
 
 def test_bad_fraction_guard(tmp_path: Path, coco_val: list[CaptionRecord]) -> None:
@@ -473,59 +484,59 @@ def test_shard_url_expansion(shard_dir: tuple[Path, dict]) -> None:
         expand_shard_urls(str(root / "shard-{000..003}.tar"))
 
 
-def test_shards_stream_skip_and_count(shard_dir: tuple[Path, dict], openclip_tok: OpenClipBPE,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_shards_are_read_by_index_and_skip_and_count(shard_dir: tuple[Path, dict], openclip_tok: OpenClipBPE,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     root, truth = shard_dir
     spec = str(root / "shard-{000..002}.tar")
-    ds = CaptionShards(spec, _transform(), openclip_tok, shuffle_buffer=0)
+    ds = CaptionShards(spec, _transform(), openclip_tok)
+    keys = sorted(truth)
+    assert ds.keys == keys[:4] + ["corrupt"] + keys[4:]  # shard order, then member order
     with caplog.at_level(logging.WARNING, logger="mmmae.vl.data"):
-        samples = list(ds)
-    assert [s["image_id"] for s in samples] == sorted(truth)
+        samples = [ds[i] for i in range(len(ds))]
+    assert [s["image_id"] for i, s in enumerate(samples) if i != 4] == keys
     assert all(s["caption"] == truth[s["image_id"]] for s in samples)
-    assert sum(s["skipped"] for s in samples) == 1 and samples[4]["skipped"] == 1  # the one after "corrupt"
-    assert "corrupt.jpg" in caplog.text
+    assert [s["skipped"] for s in samples] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0] and samples[4]["index"] == 4
+    assert str(root / "shard-001.tar") + "/corrupt.jpg" in caplog.text
     assert samples[0]["image"].shape == (3, 64, 64) and samples[0]["text"].shape == (S,)
+    assert torch.equal(CaptionShards(spec, _transform(), None)[4]["image"], samples[4]["image"])  # deterministic
 
     src = load_caption_source(spec, "")
     assert src.kind == "shards" and len(src.shards) == 3
 
-    shuffled = CaptionShards(spec, _transform(), None, shuffle_buffer=4, seed=1)
-    order = [s["image_id"] for s in shuffled]
-    assert sorted(order) == sorted(truth) and order == [s["image_id"] for s in shuffled]
-    shuffled.set_epoch(1)
-    assert sorted(s["image_id"] for s in shuffled) == sorted(truth)
+    # The trainer's sampler splits the items over ranks (here 2 of them) and its collate counts the skip.
+    seen, skipped = [], 0
+    for rank in range(2):
+        order = list(ResumableDistributedSampler(len(ds), num_replicas=2, rank=rank, seed=0))
+        loader = DataLoader(ds, batch_size=5, sampler=order, num_workers=2 if rank else 0, collate_fn=collate_dicts)
+        for b in loader:
+            seen += b["image_id"]
+            skipped += b["skipped_images"]
+    assert sorted(set(seen)) == keys and len(seen) == 10 and skipped == 1
 
-    loader = DataLoader(CaptionShards(spec, _transform(), openclip_tok, shuffle_buffer=0), batch_size=2,
-                        num_workers=2, collate_fn=collate_captions)
-    batches = list(loader)
-    assert sorted(i for b in batches for i in b["image_id"]) == sorted(truth)
-    assert sum(b["skipped_images"] for b in batches) == 1
-    assert all(b["text"].shape[1] == S for b in batches)
-
-
-@pytest.mark.parametrize("world", [2, 4])  # 3 shards: split by shard (2 ranks) or by sample (4 ranks)
-def test_shards_split_over_ranks(shard_dir: tuple[Path, dict], world: int, monkeypatch: pytest.MonkeyPatch
-                                 ) -> None:
-    root, truth = shard_dir
-    seen: list[str] = []
-    for rank in range(world):
-        monkeypatch.setattr(vdata, "_dist_rank_world", lambda r=rank: (r, world))
-        ds = CaptionShards(str(root / "shard-*.tar"), _transform(), None, shuffle_buffer=3, seed=0)
-        mine = [s["image_id"] for s in ds]
-        assert mine, f"rank {rank} got nothing"
-        seen += mine
-    assert sorted(seen) == sorted(truth)  # disjoint and complete
+    val = CaptionShards(spec, _transform(), None, replace=False)
+    flagged = val[4]
+    assert flagged["valid"] is False and flagged["unreadable"] == str(root / "shard-001.tar") + "/corrupt.jpg"
+    assert collate_dicts([val[3], flagged])["failed"][0]["index"] == 4
 
 
-def test_all_corrupt_shard_raises(tmp_path: Path) -> None:
-    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
-        for k in range(3):
-            for ext, data in (("jpg", b"nope"), ("txt", b"caption")):
-                info = tarfile.TarInfo(f"{k}.{ext}")
+def test_bad_shards_are_errors_naming_the_file(tmp_path: Path) -> None:
+    def shard(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> None:
+        with tarfile.open(path, mode) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(RuntimeError, match="every image"):
-        list(CaptionShards(str(tmp_path / "bad.tar"), _transform(), None, shuffle_buffer=0, max_bad_fraction=1.0))
+
+    shard(tmp_path / "bad.tar", [(f"{k}.{ext}", data) for k in range(3) for ext, data in
+                                 (("jpg", b"nope"), ("txt", b"caption"))])
+    with pytest.raises(RuntimeError, match=r"every image tried is unreadable.*bad\.tar/0\.jpg"):
+        CaptionShards(str(tmp_path / "bad.tar"), _transform(), None, max_bad_fraction=1.0)[0]
+    shard(tmp_path / "packed.tar.gz", [("0.txt", b"caption")], "w:gz")
+    with pytest.raises(ValueError, match=r"packed\.tar\.gz is not a readable uncompressed tar"):
+        CaptionShards(str(tmp_path / "packed.tar.gz"), _transform(), None)
+    shard(tmp_path / "no_caption.tar", [("0.png", b"x")])
+    val = CaptionShards(str(tmp_path / "no_caption.tar"), _transform(), None, replace=False)
+    assert "needs an image" in val[0]["error"] and val[0]["unreadable"].endswith("no_caption.tar/0.png")
 
 
 # --------------------------------------------------------------------------------- retrieval

@@ -1,4 +1,4 @@
-"""Image-caption data: sources, map-style and streaming datasets, collate, retrieval splits.
+"""Image-caption data: sources, map-style datasets over caption files and tar shards, retrieval splits.
 
 Sources become lists of ``CaptionRecord(image_path, captions, image_id)``, one per image (captions
 grouped), in file order so everything downstream is deterministic:
@@ -6,7 +6,7 @@ grouped), in file order so everything downstream is deterministic:
 - official COCO captions json + image folder (``load_coco_captions``);
 - the Karpathy split file ``dataset_coco.json`` (``load_karpathy``);
 - a CSV/TSV or JSONL of (image, caption) pairs (``load_pairs_file``);
-- WebDataset-style tar shards are streamed instead (``CaptionShards``), read with ``tarfile``.
+- WebDataset-style tar shards are indexed and read by seek instead (``CaptionShards``).
 
 ``load_caption_source`` picks the loader from the file, ``build_caption_dataset`` goes on to the
 dataset. Every sample is a dict::
@@ -15,13 +15,16 @@ dataset. Every sample is a dict::
     text      long (S,)        token ids (only with a tokenizer)
     text_pad  bool (S,)        True at padding (only with a tokenizer)
     caption   str
-    image_id  int | str
-    index     int              the item actually returned (a replacement when an image was bad)
-    skipped   int              unreadable images this call skipped before finding a good one
+    image_id  int | str        the image's id (a shard sample's key); a replacement's when one was read
+    index     int              the item asked for (what seeds its masks)
+    skipped   int              unreadable images this call skipped before finding a good one (training)
 
-Unreadable images are skipped, not fatal: one warning naming the file, a deterministic replacement,
-and the count travels in the sample so it survives DataLoader workers (``collate_captions`` sums it).
-A ``max_bad_fraction`` guard still stops a run whose image folder is mostly wrong.
+Images are read through the one skip-and-replace reader (``mmmae.data.quality.read_item``). In
+training an unreadable image is skipped, not fatal: one warning naming the file, a deterministic
+replacement, and the count travels in the sample so it survives DataLoader workers (the batch's
+``skipped_images``, summed by ``mmmae.data.collate.collate_dicts``); a ``max_bad_fraction`` guard still
+stops a run whose image folder is mostly wrong. In evaluation (``replace=False``) nothing is replaced:
+the sample has no image, ``valid=False``, the file in ``unreadable`` and the reason in ``error``.
 """
 
 from __future__ import annotations
@@ -35,16 +38,17 @@ import logging
 import os
 import random
 import re
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
-from mmmae.data.quality import ReadFailures
+from mmmae.data.quality import ReadFailures, read_item
+from mmmae.data.sampler import mix_seed
+from mmmae.data.tars import Member, index_tar, read_member
 from mmmae.targets import IMAGE_STATS, image_stats  # named normalisations live in the core
 from mmmae.vl.tokenizers import TextTokenizer
 
@@ -61,7 +65,6 @@ __all__ = [
     "build_caption_dataset",
     "CaptionDataset",
     "CaptionShards",
-    "collate_captions",
     "RetrievalSplit",
     "RetrievalImages",
     "IMAGE_STATS",
@@ -77,7 +80,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # What PIL raises on missing, truncated or non-image files. Anything else (a transform bug) must
 # surface, not be mistaken for bad data.
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_MAX_TRIES_PER_ITEM = 1000
 
 
 class CaptionRecord(NamedTuple):
@@ -328,7 +330,7 @@ def _is_shard_spec(captions: str) -> bool:
 
 @dataclass
 class CaptionSource:
-    """What ``load_caption_source`` found: records (map-style) or shard paths (streaming)."""
+    """What ``load_caption_source`` found: records (caption files) or shard paths (tar shards)."""
 
     kind: str  # "coco" | "karpathy" | "pairs" | "shards"
     records: list[CaptionRecord] = field(default_factory=list)
@@ -413,15 +415,17 @@ def _load_rgb(src: str | bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def _rng(*keys: int) -> random.Random:
-    """A generator that depends only on ``keys``: a str seed is hashed with SHA-512, so it is the
-    same in every process regardless of PYTHONHASHSEED, and distinct key tuples do not collide."""
-    return random.Random("rng:" + ",".join(str(int(k)) for k in keys))
-
-
 def _tokenize_one(tokenizer: TextTokenizer, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
     ids, pad = tokenizer([caption])
     return ids[0], pad[0]
+
+
+def _sample(image: torch.Tensor | None, caption: str | None, image_id: ImageId, index: int,
+            tokenizer: TextTokenizer | None, fields: dict[str, Any]) -> dict[str, Any]:
+    sample: dict[str, Any] = {"image": image, "caption": caption, "image_id": image_id, "index": index, **fields}
+    if tokenizer is not None and caption is not None:
+        sample["text"], sample["text_pad"] = _tokenize_one(tokenizer, caption)
+    return sample
 
 
 # ------------------------------------------------------------------------------- map-style
@@ -433,14 +437,17 @@ class CaptionDataset(Dataset):
     every caption. ``mode="random"``: one item per image with one of its captions drawn per epoch
     (``set_epoch``), deterministic in (seed, epoch, index), as CLIP-style training on COCO does.
 
-    An unreadable image is skipped: a replacement index is drawn from (seed, epoch, index, attempt),
-    and ``sample["skipped"]`` counts the skips. Counters are per process (per DataLoader worker);
-    ``set_epoch`` reaches workers only when they are re-created each epoch (``persistent_workers=False``).
+    Images are read through :func:`mmmae.data.quality.read_item`. Training (``replace=True``): an
+    unreadable image is skipped and another item drawn from (seed, epoch, index, attempt), and
+    ``sample["skipped"]`` counts the skips. Evaluation (``replace=False``): never a replacement; the
+    sample has no image, ``valid=False`` and the file in ``unreadable``. Counters are per process (per
+    DataLoader worker); ``set_epoch`` reaches workers only when they are re-created each epoch
+    (``persistent_workers=False``).
     """
 
     def __init__(self, records_by_image: Sequence[CaptionRecord], transform: Transform,
                  tokenizer: TextTokenizer | None = None, mode: str = "all", seed: int = 0, *,
-                 max_bad_fraction: float = 0.05) -> None:
+                 max_bad_fraction: float = 0.05, replace: bool = True) -> None:
         if mode not in ("all", "random"):
             raise ValueError(f"CaptionDataset mode must be 'all' or 'random', got {mode!r}")
         records = [r for r in records_by_image if r.captions]
@@ -450,7 +457,7 @@ class CaptionDataset(Dataset):
             raise ValueError("CaptionDataset: no images with captions")
         self.records = records
         self.transform, self.tokenizer = transform, tokenizer
-        self.mode, self.seed, self.epoch = mode, int(seed), 0
+        self.mode, self.seed, self.epoch, self.replace = mode, int(seed), 0, replace
         if mode == "all":
             # (image index, caption index) per item; a tensor rather than a list of tuples so forked
             # workers do not copy it page by page through reference counting.
@@ -471,203 +478,99 @@ class CaptionDataset(Dataset):
             i, j = self._pairs[index].tolist()
             return i, j
         n = len(self.records[index].captions)
-        return index, _rng(self.seed, self.epoch, index, 0).randrange(n)
+        return index, random.Random(mix_seed(self.seed, self.epoch, index, "caption")).randrange(n)
+
+    def _path(self, index: int) -> str:
+        return self.records[self.locate(index)[0]].image_path
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
         index %= n
-        current = index
-        skipped = 0
-        for attempt in range(_MAX_TRIES_PER_ITEM):
-            img_i, cap_i = self.locate(current)
-            rec = self.records[img_i]
-            try:
-                pil = _load_rgb(rec.image_path)
-                self._bad.ok(rec.image_path)
-                break
-            except _BAD_IMAGE_ERRORS as e:
-                skipped += 1
-                self._bad.failed(rec.image_path, rec.image_path, f"{type(e).__name__}: {e}", total=len(self.records))
-                # Salt 1 keeps replacement draws apart from random-mode caption draws (salt 0).
-                current = _rng(self.seed, self.epoch, index, 1, attempt).randrange(n)
-        else:
-            raise RuntimeError(f"CaptionDataset: no readable image after {_MAX_TRIES_PER_ITEM} tries for "
-                               f"index {index}; recent failures {list(self._bad.recent)}")
-        caption = rec.captions[cap_i]
-        sample: dict[str, Any] = {"image": self.transform(pil), "caption": caption, "image_id": rec.image_id,
-                                  "index": current, "skipped": skipped}
-        if self.tokenizer is not None:
-            sample["text"], sample["text_pad"] = _tokenize_one(self.tokenizer, caption)
-        return sample
+        got = read_item(index, n, lambda i: _load_rgb(self._path(i)), errors=_BAD_IMAGE_ERRORS, name=self._path,
+                        reads=self._bad, seed=self.seed, epoch=self.epoch, replace=self.replace)
+        img_i, cap_i = self.locate(got.item)
+        rec = self.records[img_i]
+        image = self.transform(got.value) if got.valid else None
+        return _sample(image, rec.captions[cap_i], rec.image_id, index, self.tokenizer, got.fields())
 
 
-# ------------------------------------------------------------------------------ streaming
+class CaptionShards(Dataset):
+    """WebDataset-style tar shards (``key.jpg``/``.jpeg``/``.png``/``.webp`` + ``key.txt``), read by index.
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset keys: ``dir/key.ext.more`` -> (``dir/key``, ``ext.more``), split at the basename's first dot."""
-    d, base = os.path.split(name)
-    stem, dot, ext = base.partition(".")
-    return (os.path.join(d, stem) if d else stem), ext.lower() if dot else ""
-
-
-class CaptionShards(IterableDataset):
-    """WebDataset-style tar shards (``key.jpg``/``.jpeg``/``.png``/``.webp`` + ``key.txt``), streamed.
-
-    Shards are split over distributed ranks x DataLoader workers; with fewer shards than that, every
-    worker reads all shards and keeps every n-th sample instead, so no worker idles. ``shuffle_buffer
-    > 1`` shuffles shard order per epoch (same order on every rank) and samples through a buffer;
-    ``<= 1`` streams in file order (evaluation). ``repeat=True`` cycles forever, reshuffling per pass,
-    for step-based training where ranks must not run out of data at different times.
-
-    ``index`` is the sample's position within its shard; ``image_id`` its key.
+    The members of every shard are indexed once (``mmmae.data.tars``: shards are plain tars, so this
+    reads only their headers) and a sample is read with one seek per member, so the shards behave like
+    files on disk: the trainer's resumable distributed sampler shards them over ranks and workers and
+    resumes exactly, and unreadable samples (a corrupt image, a key without image or caption) are
+    skipped, replaced and counted through :func:`mmmae.data.quality.read_item` as for caption files.
+    Items are in shard order, then member order; ``image_id`` is the sample's key and a file reads
+    ``<shard>/<member>`` in messages. Compressed shards cannot be read by seeking: unpack them.
     """
 
     def __init__(self, urls: str | Sequence[str], transform: Transform, tokenizer: TextTokenizer | None = None,
-                 shuffle_buffer: int = 1000, seed: int = 0, *, max_bad_fraction: float = 0.05,
-                 repeat: bool = False) -> None:
-        super().__init__()
+                 seed: int = 0, *, max_bad_fraction: float = 0.05, replace: bool = True) -> None:
         self.urls = expand_shard_urls(urls)
         self.transform, self.tokenizer = transform, tokenizer
-        self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
-        self.max_bad_fraction, self.repeat = max_bad_fraction, repeat
-        self.epoch = 0
-        ReadFailures(max_bad_fraction, "CaptionShards", "image")  # validate now, not inside a worker
+        self.seed, self.epoch, self.replace = int(seed), 0, replace
+        self.keys: list[str] = []
+        self._members: list[tuple[int, Member | None, Member | None]] = []  # (shard, image, caption)
+        self._parts: dict[int, list[str]] = {}  # items lacking an image or a caption: what they have
+        for s, shard in enumerate(self.urls):
+            for key, parts in index_tar(shard, "caption shard"):
+                image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                if image is None or "txt" not in parts:
+                    self._parts[len(self.keys)] = sorted(parts)
+                self.keys.append(key)
+                self._members.append((s, image, parts.get("txt")))
+        if not self.keys:
+            raise ValueError(f"no samples in the caption shards {self.urls[:3]}")
+        self._bad = ReadFailures(max_bad_fraction, "CaptionShards", "image")
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
     def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch's replacement draws."""
         self.epoch = int(epoch)
 
-    def _raw_samples(self, shards: list[str], keep: Callable[[int], bool]
-                     ) -> Iterator[tuple[str, int, str, dict[str, bytes]]]:
-        """Yields (shard, position in shard, key, {ext: bytes}) for consecutive members sharing a key."""
-        ordinal = 0
-        for shard in shards:
-            pos = 0
-            try:
-                # Stream mode ("r|*"): sequential reads, gz handled, no seeking over large shards.
-                with tarfile.open(shard, mode="r|*") as tar:
-                    key, parts = None, {}
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        k, ext = _split_member_name(member.name)
-                        if k != key:
-                            if key is not None:
-                                if keep(ordinal):
-                                    yield shard, pos, key, parts
-                                ordinal, pos = ordinal + 1, pos + 1
-                            key, parts = k, {}
-                        f = tar.extractfile(member)
-                        parts[ext] = f.read() if f is not None else b""
-                    if key is not None:
-                        if keep(ordinal):
-                            yield shard, pos, key, parts
-                        ordinal += 1
-            except (tarfile.TarError, OSError) as e:
-                logger.error("CaptionShards: cannot read shard %s after %d samples (%s: %s); going on with the next",
-                             shard, pos, type(e).__name__, e)
+    def name(self, index: int) -> str:
+        """``<shard>/<member>`` of item ``index``'s image (its key when it has none)."""
+        s, image, _ = self._members[index]
+        return f"{self.urls[s]}/{image.name if image is not None else self.keys[index]}"
 
-    def _shuffled(self, items: Iterator[Any], rng: random.Random) -> Iterator[Any]:
-        if self.shuffle_buffer <= 1:
-            yield from items
-            return
-        buf: list[Any] = []
-        for item in items:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(item)
-                continue
-            j = rng.randrange(len(buf))
-            buf[j], item = item, buf[j]
-            yield item
-        rng.shuffle(buf)
-        yield from buf
+    def _read(self, index: int) -> tuple[Image.Image, str]:
+        s, image, text = self._members[index]
+        if image is None or text is None:
+            raise ValueError(f"sample has {self._parts[index]}; needs an image ({', '.join(IMAGE_EXTS)}) and txt")
+        caption = read_member(self.urls[s], text).decode("utf-8", errors="replace").strip()
+        return _load_rgb(read_member(self.urls[s], image)), caption
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _dist_rank_world()
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        gid, total = rank * nworkers + wid, world * nworkers
-        bad = ReadFailures(self.max_bad_fraction, "CaptionShards", "image")
-        epoch, yielded, skipped = self.epoch, 0, 0
-        while True:
-            shards = list(self.urls)
-            if self.shuffle_buffer > 1:
-                _rng(self.seed, epoch).shuffle(shards)  # same permutation on every rank and worker
-            if len(shards) >= total:
-                mine, keep = shards[gid::total], (lambda i: True)
-            else:
-                mine, keep = shards, (lambda i: i % total == gid)
-            stream = self._shuffled(self._raw_samples(mine, keep), _rng(self.seed, epoch, gid, 2))
-            for shard, pos, key, parts in stream:
-                name = f"{shard}:{key}"
-                img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
-                caption = parts.get("txt")
-                try:
-                    if img_ext is None or caption is None:
-                        raise ValueError(f"sample has {sorted(parts)}; needs an image ({IMAGE_EXTS}) and txt")
-                    pil = _load_rgb(parts[img_ext])
-                    bad.ok(name)
-                except _BAD_IMAGE_ERRORS as e:
-                    skipped += 1
-                    bad_name = f"{name}.{img_ext}" if img_ext else name
-                    bad.failed(bad_name, bad_name, f"{type(e).__name__}: {e}")
-                    continue
-                text = caption.decode("utf-8", errors="replace").strip()
-                sample: dict[str, Any] = {"image": self.transform(pil), "caption": text, "image_id": key,
-                                          "index": pos, "skipped": skipped}
-                if self.tokenizer is not None:
-                    sample["text"], sample["text_pad"] = _tokenize_one(self.tokenizer, text)
-                skipped = 0
-                yielded += 1
-                yield sample
-            if bad.attempts and not yielded:
-                raise bad.all_bad()
-            if skipped:
-                logger.warning("CaptionShards: %d unreadable samples at the end of worker %d's pass were "
-                               "not reported in any batch", skipped, gid)
-                skipped = 0
-            if not self.repeat or not bad.attempts:
-                return
-            epoch += 1
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        got = read_item(index, n, self._read, errors=_BAD_IMAGE_ERRORS, name=self.name, reads=self._bad,
+                        seed=self.seed, epoch=self.epoch, replace=self.replace)
+        if not got.valid:
+            return _sample(None, None, self.keys[index], index, self.tokenizer, got.fields())
+        pil, caption = got.value
+        return _sample(self.transform(pil), caption, self.keys[got.item], index, self.tokenizer, got.fields())
 
 
-# -------------------------------------------------------------------------- building, collate
+# ----------------------------------------------------------------------------------- building
 
 def build_caption_dataset(captions: str, images: str, transform: Transform, tokenizer: TextTokenizer | None,
                           *, split: str | Sequence[str] = "train", mode: str = "all", seed: int = 0,
-                          shuffle_buffer: int = 1000, max_bad_fraction: float = 0.05,
-                          repeat: bool = False) -> CaptionDataset | CaptionShards:
-    """``data.captions`` / ``data.images`` -> a ``CaptionDataset`` (files) or ``CaptionShards`` (tars)."""
+                          max_bad_fraction: float = 0.05, replace: bool = True) -> CaptionDataset | CaptionShards:
+    """``data.captions`` / ``data.images`` -> a ``CaptionDataset`` (files) or ``CaptionShards`` (tars);
+    ``replace`` False for evaluation (unreadable images are listed, never replaced)."""
     source = load_caption_source(captions, images, split)
     if source.kind == "shards":
-        return CaptionShards(source.shards, transform, tokenizer, shuffle_buffer, seed,
-                             max_bad_fraction=max_bad_fraction, repeat=repeat)
-    return CaptionDataset(source.records, transform, tokenizer, mode, seed, max_bad_fraction=max_bad_fraction)
-
-
-def collate_captions(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """B samples -> ``image`` (B, 3, H, W), ``text``/``text_pad`` (B, S) when tokenized, ``index`` (B,),
-    ``skipped_images`` (int, summed over the batch), and lists ``caption``, ``image_id``."""
-    if not samples:
-        raise ValueError("collate_captions: empty batch")
-    batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "skipped_images": int(sum(s.get("skipped", 0) for s in samples)),
-        "caption": [s["caption"] for s in samples],
-        "image_id": [s["image_id"] for s in samples],
-    }
-    if "text" in samples[0]:
-        batch["text"] = torch.stack([s["text"] for s in samples])
-        batch["text_pad"] = torch.stack([s["text_pad"] for s in samples])
-    return batch
+        return CaptionShards(source.shards, transform, tokenizer, seed, max_bad_fraction=max_bad_fraction,
+                             replace=replace)
+    return CaptionDataset(source.records, transform, tokenizer, mode, seed, max_bad_fraction=max_bad_fraction,
+                          replace=replace)
 
 
 # -------------------------------------------------------------------------------- retrieval

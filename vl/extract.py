@@ -20,12 +20,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from mmmae.config import model_cfg
+from mmmae.data.collate import collate_dicts
 from mmmae.embedding import Embedder, InputItem, progress_bar, read_list, register_inputs
 from mmmae.vl.data import _BAD_IMAGE_ERRORS, IMAGE_EXTS, _load_rgb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageFiles", "collate_image_files", "embed_image_files", "embed_images", "embed_text_items", "embed_texts",
+__all__ = ["ImageFiles", "embed_image_files", "embed_images", "embed_text_items", "embed_texts",
            "image_transform", "list_images", "list_texts"]
 
 
@@ -85,13 +86,6 @@ class ImageFiles(Dataset):
         return {"image": self.transform(pil), "index": index, "ok": True, "error": None}
 
 
-def collate_image_files(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    ok = [s for s in samples if s["ok"]]
-    return {"image": torch.stack([s["image"] for s in ok]) if ok else None,
-            "index": [s["index"] for s in ok],
-            "failed": [{"index": s["index"], "error": s["error"]} for s in samples if not s["ok"]]}
-
-
 @torch.no_grad()
 def embed_image_files(fn: Callable[[torch.Tensor], torch.Tensor], paths: Sequence[str], transform: Any, *,
                       batch_size: int, num_workers: int, device: torch.device, progress: bool = True,
@@ -99,14 +93,14 @@ def embed_image_files(fn: Callable[[torch.Tensor], torch.Tensor], paths: Sequenc
     """Embed images by path -> (embeddings (N_ok, D) fp32 on CPU, their indices into ``paths``,
     failures ``{"index", "error"}``)."""
     loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_image_files)
+                        collate_fn=collate_dicts)
     embs, kept, failed = [], [], []
     for batch in progress_bar(loader, len(loader), desc, progress):
         failed.extend(batch["failed"])
         if batch["image"] is None:
             continue
         embs.append(fn(batch["image"].to(device)).float().cpu())
-        kept.extend(batch["index"])
+        kept.extend(batch["index"].tolist())
     return (torch.cat(embs) if embs else torch.empty(0, 0)), kept, failed
 
 

@@ -2,7 +2,10 @@
 
 ``data.dataset: captions`` reads ``data.captions`` / ``data.images`` for the train split and
 ``data.val_captions`` / ``data.val_images`` for val (any format ``mmmae.vl.data`` knows: COCO json,
-Karpathy json, csv/jsonl pairs); the block is :class:`CaptionsCfg`. Captions are tokenized with the
+Karpathy json, csv/jsonl pairs beside an image folder, or WebDataset-style tar shards: a ``.tar``,
+a glob or a brace list such as ``shards/coco-{000..009}.tar``, indexed and read by seek, so they
+shard over ranks and workers through the trainer's sampler and resume exactly); the block is
+:class:`CaptionsCfg`. Captions are tokenized with the
 model's tokenizer (``model.tokenizer``) to its ``model.max_len`` positions, within its ``vocab_size``.
 
 Train images go through M3AE's pretraining transform (MAE's: RandomResizedCrop(img_size,
@@ -12,8 +15,9 @@ and std, as young-geng/m3ae_public m3ae/data.py ``ImageTextDataset`` does by def
 (``data.caption_image_norm``: auto, cc12m, imagenet or none; see :func:`caption_image_norm`).
 
 Samples are dicts (``image``, ``text``, ``text_pad``, ``caption``, ``image_id``, ``index``,
-``skipped``) that the engine's default ``collate_dicts`` stacks; the dataset also carries
-``collate_fn = collate_captions``, which names the skipped-image count ``skipped_images``.
+``skipped``) that the engine's ``collate_dicts`` stacks, naming the skipped-image count
+``skipped_images``. Unreadable train images are replaced (``mmmae.data.quality.read_item``); val
+images never are: they are listed.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from mmmae.data.registry import DataCfg, register_dataset
-from mmmae.vl.data import CaptionDataset, Transform, build_caption_dataset, collate_captions, image_stats
+from mmmae.data.sampler import FirstItems
+from mmmae.vl.data import Transform, build_caption_dataset, image_stats
 from mmmae.vl.tokenizers import TextTokenizer, build_tokenizer
 
 
 @dataclass
 class CaptionsCfg(DataCfg):
-    captions: str = ""  # caption file (COCO json, Karpathy json, CSV/JSONL, tar shards)
+    captions: str = ""  # caption file (COCO json, Karpathy json, CSV/JSONL) or tar shards (.tar, glob, {000..009})
     images: str = ""  # image folder for the caption file
     val_captions: str = ""
     val_images: str = ""
@@ -40,26 +45,6 @@ class CaptionsCfg(DataCfg):
     caption_image_norm: str = "auto"
     hflip: bool = True
     min_scale: float = 0.2  # RandomResizedCrop lower scale
-
-
-class FirstItems(Dataset):
-    """The first ``limit`` items of a caption dataset (``data.limit``), keeping ``set_epoch`` and
-    ``collate_fn`` (``torch.utils.data.Subset`` drops both)."""
-
-    def __init__(self, dataset: CaptionDataset, limit: int) -> None:
-        self.dataset, self.limit = dataset, min(limit, len(dataset))
-        self.collate_fn = collate_captions
-
-    def __len__(self) -> int:
-        return self.limit
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.limit:
-            raise IndexError(f"index {index} out of range for {self.limit} items")
-        return self.dataset[index]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
 
 
 def model_tokenizer(model_cfg: Any) -> TextTokenizer:
@@ -102,17 +87,10 @@ def build_captions(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     else:
         captions, images, keys = cfg.data.val_captions, cfg.data.val_images, "data.val_captions / data.val_images"
     if not captions:
-        raise ValueError(f"data.dataset=captions needs {keys} for the {split} split (a COCO/Karpathy json, "
-                         f"csv/jsonl pairs) and its image folder")
+        raise ValueError(f"data.dataset=captions needs {keys} for the {split} split (a COCO/Karpathy json or "
+                         f"csv/jsonl pairs and its image folder, or tar shards)")
     tokenizer = model_tokenizer(model_cfg)
     ds = build_caption_dataset(captions, images, caption_transform(cfg, model_cfg, split), tokenizer,
                                split=split, mode=cfg.data.caption_mode, seed=cfg.train.seed,
-                               max_bad_fraction=cfg.data.max_bad_fraction)
-    if not isinstance(ds, CaptionDataset):
-        # The trainer draws indices with a (resumable, distributed) sampler, which needs a map-style set.
-        raise ValueError(f"{keys}={captions!r} names tar shards, which stream; the training engine needs a "
-                         f"map-style source (a COCO/Karpathy json or csv/jsonl pairs beside an image folder)")
-    if cfg.data.limit:
-        return FirstItems(ds, cfg.data.limit)
-    ds.collate_fn = collate_captions  # type: ignore[attr-defined]
-    return ds
+                               max_bad_fraction=cfg.data.max_bad_fraction, replace=split == "train")
+    return FirstItems(ds, cfg.data.limit) if cfg.data.limit else ds
