@@ -47,7 +47,8 @@ from torch import nn
 
 from mmmae.config import model_cfg
 from mmmae.data.registry import input_data
-from mmmae.registry import _ensure_registered, build_from_cfg
+from mmmae.evaluation import load_for_eval, progress_bar
+from mmmae.registry import _ensure_registered
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,14 @@ def load_model(cfg: DictConfig, checkpoint: str, device: torch.device, modalitie
     config) is an error: its embeddings would go through random projections; use the ``m3ae`` config
     for its features.
     """
-    from mmmae.weights import load
+    from mmmae.registry import build_from_cfg
 
     name = cfg.model.name
-    model = build_from_cfg(name, model_cfg(cfg.model))
+    probe = build_from_cfg(name, model_cfg(cfg.model), device="meta")
     for modality in modalities:
-        Embedder(model, name, layer=layer).check(modality)
+        Embedder(probe, name, layer=layer).check(modality)
     # Any layout mmmae.weights reads; non-strict unless asked, but weights of another size never load.
-    rep = load(model, checkpoint, strict=False)
+    model, rep = load_for_eval(cfg, checkpoint, device, strict=False)
     if not rep.loaded:
         raise ValueError(f"checkpoint {checkpoint} ({rep.layout}) shares no weights with model {name!r} "
                          f"({rep.problems(3)})")
@@ -98,7 +99,7 @@ def load_model(cfg: DictConfig, checkpoint: str, device: torch.device, modalitie
     if report["missing"]:
         log.warning("checkpoint %s lacks %d weights of the model (e.g. %s): they keep their initial values",
                     checkpoint, len(report["missing"]), report["missing"][:3])
-    return model.to(device).eval(), report
+    return model, report
 
 
 def _pool_tokens(x: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -270,13 +271,6 @@ def _inputs(modality: str) -> InputKind:
     if modality not in INPUTS:
         raise ValueError(f"no installed package reads {modality} inputs (registered: {', '.join(sorted(INPUTS))})")
     return INPUTS[modality]
-
-
-def progress_bar(it: Any, total: int, desc: str, progress: bool) -> Any:
-    if not progress:
-        return it
-    from tqdm import tqdm
-    return tqdm(it, total=total, desc=desc, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------ extract

@@ -54,12 +54,12 @@ def test_finetune_then_kinetics_protocol(tmp_path: Path, videomae_tiny: Path) ->
     m = report["metrics"]
     assert set(m) == {"top1", "top5", "mean_class_acc"} and all(0 <= v <= 100 for v in m.values())
     assert report["protocol"]["num_clips"] == 2 and report["protocol"]["num_crops"] == 3
-    assert report["num_videos"] == 4 and report["num_evaluated"] == 3 and report["num_unreadable"] == 1
+    assert report["num_items"] == 4 and report["num_evaluated"] == 3 and report["num_unreadable"] == 1
     assert report["unreadable"][0]["path"].endswith("corrupted.mp4") and report["unreadable"][0]["error"]
-    names = {Path(v["path"]).name: v for v in report["videos"]}
+    names = {Path(v["path"]).name: v for v in report["predictions"]}
     assert names["arm_wrestling.mp4"]["label_name"] == "arm wrestling"
     # top-1 is recomputed from the per-video predictions the report lists.
-    assert m["top1"] == pytest.approx(100 * sum(v["pred"] == v["label"] for v in report["videos"]) / 3)
+    assert m["top1"] == pytest.approx(100 * sum(v["pred"] == v["label"] for v in report["predictions"]) / 3)
 
 
 @pytest.mark.slow
@@ -87,7 +87,32 @@ def test_image_linear_probe_on_fashion_mnist(tmp_path: Path, fashion_mnist: Path
     run_tool("eval_classification.py", ["--config", "linprobe_fashion_mnist_tiny.yaml", "--checkpoint",
                                         str(lp / "model.safetensors"), "--out", str(report_path), "data.limit=500"])
     report = json.loads(report_path.read_text())
-    assert report["num_images"] == 500 and report["protocol"]["linear_probe"] is True
+    assert report["num_evaluated"] == 500 and report["protocol"]["linear_probe"] is True
     assert report["load"]["missing"] == [] and report["load"]["unexpected"] == []
     # Ten balanced classes: a probe that learned nothing sits at 10%.
     assert report["metrics"]["top1"] > 12.0, report["metrics"]
+
+
+def test_video_folder_evaluation_goes_through_the_source(tmp_path: Path) -> None:
+    """The one runner evaluates any video source's val split: a folder of unlabelled videos gets a
+    prediction per readable video, no score, and the corrupt file listed (never replaced)."""
+    import math
+
+    from safetensors.torch import save_file
+
+    from mmmae.config import load_config, model_cfg
+    from mmmae.evaluation import classify
+    from mmmae.registry import build_from_cfg
+
+    cfg = load_config("finetune_kinetics_tiny.yaml", ["data.dataset=video_folder", f"data.root={VIDEOS}",
+                                                      "data.num_workers=0", "data.class_list="])
+    ckpt = tmp_path / "clf.safetensors"
+    save_file(build_from_cfg("classifier", model_cfg(cfg.model)).state_dict(), str(ckpt))
+    report = classify(cfg, str(ckpt), progress=False, device=torch.device("cpu"))
+    assert (report["num_items"], report["num_evaluated"], report["num_labelled"]) == (6, 5, 0)  # 6 videos there
+    assert [Path(u["path"]).name for u in report["unreadable"]] == ["corrupted.mp4"]
+    assert sorted(Path(p["path"]).name for p in report["predictions"]) == [
+        "applying_eye_makeup.avi", "arm_wrestling.mp4", "cleaning_pool.mp4", "flipping_pancake.mkv", "rotated_90.mov"]
+    assert all(p["label"] == -1 and 0 <= p["pred"] < cfg.model.num_classes for p in report["predictions"])
+    assert math.isnan(report["metrics"]["top1"])
+    assert report["protocol"]["dataset"] == "video_folder" and report["protocol"]["num_clips"] == cfg.data.num_clips

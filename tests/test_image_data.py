@@ -39,7 +39,7 @@ def test_image_folder_with_classes_and_an_unreadable_file(tmp_path: Path) -> Non
 def test_evaluation_never_replaces_an_unreadable_image(tmp_path: Path, dist_group: None) -> None:
     """In evaluation an unreadable image keeps its own label, is left out of the scores and listed."""
     from mmmae.config import load_config
-    from mmmae.image.evaluation import evaluate_image_classifier
+    from mmmae.evaluation import classify
 
     for i, p in enumerate(_photos(6)):
         d = tmp_path / "val" / ("cat" if i % 2 else "dog")
@@ -59,8 +59,9 @@ def test_evaluation_never_replaces_an_unreadable_image(tmp_path: Path, dist_grou
     from safetensors.torch import save_file
     model = mmmae.create_model("classifier", size="vit_tiny_test", img_size=32, patch_size=8, num_classes=2)
     save_file(model.state_dict(), str(tmp_path / "clf.safetensors"))
-    report = evaluate_image_classifier(cfg, str(tmp_path / "clf.safetensors"), progress=False)
-    assert report["num_images"] == 6 and report["num_unreadable"] == 1 and report["unreadable"] == [str(broken)]
+    report = classify(cfg, str(tmp_path / "clf.safetensors"), progress=False)
+    assert report["num_evaluated"] == 6 and report["num_unreadable"] == 1
+    assert [u["path"] for u in report["unreadable"]] == [str(broken)] and report["unreadable"][0]["label"] == 1
 
 
 def test_image_folder_flat_is_unlabelled_and_errors_name_the_path(tmp_path: Path) -> None:

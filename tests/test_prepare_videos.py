@@ -147,3 +147,22 @@ def test_shards_are_a_training_source_with_the_files_frames(prepared: Path) -> N
         assert all(torch.equal(a["video"], b["video"]) for a, b in zip(shards[i], files[i]))
     with pytest.raises(FileNotFoundError, match="missing.tar"):
         ShardIndex([str(prepared / "missing.tar")])
+
+
+def test_shards_are_an_evaluation_source(prepared: Path, tmp_path: Path) -> None:
+    """The one evaluation runner reads video shards as it reads a list: every member scored, in order."""
+    from safetensors.torch import save_file
+
+    from mmmae.config import load_config, model_cfg
+    from mmmae.evaluation import classify
+    from mmmae.registry import build_from_cfg
+
+    cfg = load_config("finetune_kinetics_tiny.yaml", ["data.dataset=video_shards", f"data.root={prepared}",
+                                                      f"data.val_list={prepared / 'shards.txt'}", "data.class_list=",
+                                                      "data.num_workers=0"])
+    ckpt = tmp_path / "clf.safetensors"
+    save_file(build_from_cfg("classifier", model_cfg(cfg.model)).state_dict(), str(ckpt))
+    report = classify(cfg, str(ckpt), progress=False, device=torch.device("cpu"))
+    assert (report["num_items"], report["num_evaluated"], report["num_unreadable"]) == (5, 5, 0)
+    assert [p["path"].rsplit("/", 1)[1] for p in report["predictions"]] == [f"{k:09d}.mp4" for k in range(5)]
+    assert report["protocol"]["dataset"] == "video_shards"

@@ -303,7 +303,8 @@ def test_ssv2_evaluation_reads_the_json_with_segment_views(tmp_path: Path) -> No
     from safetensors.torch import save_file
 
     from mmmae.registry import build_from_cfg
-    from mmmae.video.evaluation import evaluate_kinetics, test_views_dataset
+    from mmmae.data.registry import build_dataset
+    from mmmae.evaluation import classify
 
     lengths = {"201": 40, "202": 61, "203": 33}
     val, labels = _ssv2_files(tmp_path, lengths)
@@ -312,7 +313,7 @@ def test_ssv2_evaluation_reads_the_json_with_segment_views(tmp_path: Path) -> No
     cfg = load_config("finetune_ssv2_tiny.yaml", [
         "data.dataset=ssv2", f"data.root={tmp_path}", f"data.val_list={val}", f"data.class_list={labels}",
         "data.sampling=auto", "model.num_classes=3"])
-    ds = test_views_dataset(cfg)
+    ds = build_dataset(cfg, "val", model_cfg(cfg.model))
     assert ds.sampler.sampling == "segment" and len(ds) == 3
     # 61 frames, 4 segments (tick 15.25): clip 0 = starts int(15.25 x), clip 1 = centres int(7.625 + 15.25 x).
     views = ds[1]["video"]  # (2 clips x 3 crops, 3, T, S, S), normalised
@@ -323,9 +324,9 @@ def test_ssv2_evaluation_reads_the_json_with_segment_views(tmp_path: Path) -> No
     ckpt = tmp_path / "model.safetensors"
     model = build_from_cfg(cfg.model.name, model_cfg(cfg.model))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    report = evaluate_kinetics(cfg, str(ckpt), progress=False, device=torch.device("cpu"))
+    report = classify(cfg, str(ckpt), progress=False, device=torch.device("cpu"))
     assert report["protocol"]["sampling"] == "segment" and report["protocol"]["dataset"] == "ssv2"
     assert (report["protocol"]["num_clips"], report["protocol"]["num_crops"]) == (2, 3)
-    assert report["num_videos"] == report["num_evaluated"] == 3 and report["load"]["missing"] == []
-    names = {Path(v["path"]).name: v for v in report["videos"]}
+    assert report["num_items"] == report["num_evaluated"] == 3 and report["load"]["missing"] == []
+    names = {Path(v["path"]).name: v for v in report["predictions"]}
     assert names["202.webm"]["label_name"] == "Pushing something from right to left"

@@ -1,8 +1,10 @@
-"""Evaluate an image classifier (fine-tuned or linear probe) on the config's validation split.
+"""Evaluate a classifier (fine-tuned or linear probe) on the config's validation split.
 
 python tools/eval_classification.py --config CFG --checkpoint CKPT --out REPORT.json [key=value ...]
 
-Video classifiers use tools/eval_kinetics.py (the multi-view protocol).
+The one evaluation runner (mmmae.evaluation.classify) reads the split through the configured source:
+images, or videos with their test views (tools/eval_kinetics.py is the same runner with the video
+protocol's options).
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     from mmmae.config import load_config_or_exit
     cfg = load_config_or_exit(args.config, overrides)
     from mmmae.metrics import write_report
-    from mmmae.image.evaluation import evaluate_image_classifier
-    report = evaluate_image_classifier(cfg, args.checkpoint)
+    from mmmae.evaluation import classify
+    report = classify(cfg, args.checkpoint)
     write_report(report, args.out)
     m = report["metrics"]
     logging.getLogger("mmmae.eval").info("top1 %.2f  top5 %.2f  mean class acc %.2f on %d images -> %s",
-                                         m["top1"], m["top5"], m["mean_class_acc"], report["num_images"], args.out)
+                                         m["top1"], m["top5"], m["mean_class_acc"], report["num_evaluated"], args.out)
     return 0
 
 

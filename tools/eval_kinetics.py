@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mmmae.config import load_config_or_exit
     cfg = load_config_or_exit(args.config, overrides)
-    from mmmae.video.evaluation import evaluate_kinetics
-    report = evaluate_kinetics(cfg, args.checkpoint, views_per_forward=args.views_per_forward)
+    from mmmae.evaluation import classify
+    report = classify(cfg, args.checkpoint, views_per_forward=args.views_per_forward)
     from mmmae.metrics import write_report
     write_report(report, args.out)
     m = report["metrics"]
