@@ -557,8 +557,9 @@ def test_retrieval_split(coco_val: list[CaptionRecord], openclip_tok: OpenClipBP
     dup = RetrievalSplit.from_records([coco_val[0], CaptionRecord(coco_val[0].image_path, ["extra"], 0)])
     assert dup.num_images == 1 and dup.img2txt == [[0, 1, 2, 3, 4, 5]]
 
-    item = split.image_dataset(_transform())[3]
-    assert item["image"].shape == (3, 64, 64) and item["image_id"] == coco_val[3].image_id
+    from mmmae.vl.extract import ImageFiles  # the gallery's images, read as retrieval reads them
+    item = ImageFiles(split.image_paths, _transform())[3]
+    assert item["image"].shape == (3, 64, 64) and item["valid"] and item["path"] == coco_val[3].image_path
     ids, pad = split.tokenize(openclip_tok, batch_size=100)
     assert ids.shape == pad.shape == (395, S)
     assert torch.equal(ids[7], openclip_tok([split.captions[7]])[0][0])

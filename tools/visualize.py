@@ -100,7 +100,7 @@ def read_clip(path: str, cfg: Any, mcfg: Any) -> torch.Tensor:
                           num_clips=1, num_crops=1, crop_size=mcfg.img_size, backend=d.backend,
                           short_clip=d.short_clip)
     sample = ds[0]
-    if not sample["ok"]:
+    if not sample["valid"]:
         raise ValueError(f"cannot read video {path}: {sample['error']}")
     return sample["video"][:1]
 

@@ -379,7 +379,7 @@ class VideoTestDataset(Dataset):
     """Multi-view evaluation: ``num_clips`` temporal clips x ``num_crops`` spatial crops.
 
     ``dataset[i]`` is ``{"video": float (V, 3, T, S, S) or None, "label", "index": i, "path",
-    "valid", "unreadable", "error", "ok"}`` with ``V = num_clips * num_crops`` ordered clip-major (view ``c * num_crops
+    "valid", "unreadable", "error"}`` with ``V = num_clips * num_crops`` ordered clip-major (view ``c * num_crops
     + s`` is clip c, crop s), frames short-side resized to ``short_side`` (default the crop size
     S) and normalised. An unreadable video is never replaced (``read_item`` in evaluation mode): it
     gives ``valid=False``, ``video=None``, the file in ``unreadable`` and the reason in ``error``
@@ -466,4 +466,4 @@ class VideoTestDataset(Dataset):
         path, label = self.items[index]
         got = read_item(index, len(self.items), self._views, errors=(VideoDecodeError,),
                         name=lambda i: self.items[i][0], reads=self.reads, replace=False, reason=lambda e: e.reason)
-        return {"video": got.value, "label": label, "index": index, "path": path, **got.fields(), "ok": got.valid}
+        return {"video": got.value, "label": label, "index": index, "path": path, **got.fields()}

@@ -19,12 +19,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from mmmae.config import model_cfg
-from mmmae.data.collate import collate_dicts
 from mmmae.data.registry import input_data
-from mmmae.embedding import Embedder, InputItem, load_model, progress_bar, read_list, register_inputs, save_rows
+from mmmae.embedding import Embedder, InputItem, load_model, read_list, register_inputs, save_rows
+from mmmae.evaluation import eval_loader, progress_bar, run_batches
 from mmmae.targets import image_stats
 
 from .datasets import VIDEO_EXTENSIONS, VideoTestDataset, list_video_folder
@@ -61,15 +60,13 @@ def embed_videos(emb: Embedder, cfg: DictConfig, items: list[InputItem], *, batc
     ds = VideoTestDataset([(it.path, -1) for it in items], num_frames=num_frames,
                           sampling_rate=d.sampling_rate, num_clips=1, num_crops=1, crop_size=mcfg.img_size,
                           backend=d.backend, short_clip=d.short_clip)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=d.num_workers, collate_fn=collate_dicts)
-    embs, keep, skipped = [], [], []
-    for batch in progress_bar(loader, len(loader), "videos", progress):
-        skipped.extend({"id": items[f["index"]].id, "path": f["path"], "reason": f["error"]} for f in batch["failed"])
-        if batch["video"] is None:
-            continue
+    embs, keep, failed = [], [], []
+    for batch in run_batches(eval_loader(ds, batch_size, d.num_workers), "video", failed, desc="videos",
+                             progress=progress):
         clips = batch["video"][:, 0]  # the one view: (B, 3, T, S, S)
         embs.append(emb.video(clips.to(device)).float().cpu())
         keep.extend(batch["index"].tolist())
+    skipped = [{"id": items[f["index"]].id, "path": f["path"], "reason": f["error"]} for f in failed]
     protocol = {"num_frames": num_frames, "sampling_rate": d.sampling_rate, "clip": "centre (1 clip)",
                 "crop": "centre (1 crop)", "crop_size": mcfg.img_size, "short_side": mcfg.img_size,
                 "backend": d.backend, "short_clip": d.short_clip,

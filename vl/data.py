@@ -66,7 +66,6 @@ __all__ = [
     "CaptionDataset",
     "CaptionShards",
     "RetrievalSplit",
-    "RetrievalImages",
     "IMAGE_STATS",
     "image_stats",
 ]
@@ -575,27 +574,6 @@ def build_caption_dataset(captions: str, images: str, transform: Transform, toke
 
 # -------------------------------------------------------------------------------- retrieval
 
-class RetrievalImages(Dataset):
-    """Unique images of a ``RetrievalSplit``: ``{"image" (3, H, W), "index", "image_id"}``.
-
-    No skipping: a retrieval score over a silently altered image set would not be comparable.
-    """
-
-    def __init__(self, image_paths: list[str], image_ids: list[ImageId], transform: Transform) -> None:
-        self.image_paths, self.image_ids, self.transform = image_paths, image_ids, transform
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.image_paths[index]
-        try:
-            pil = _load_rgb(path)
-        except _BAD_IMAGE_ERRORS as e:
-            raise RuntimeError(f"RetrievalImages: cannot read {path} ({type(e).__name__}: {e})") from e
-        return {"image": self.transform(pil), "index": index, "image_id": self.image_ids[index]}
-
-
 @dataclass
 class RetrievalSplit:
     """Image-text retrieval ground truth: ``NI`` unique images, ``NT`` captions.
@@ -643,9 +621,6 @@ class RetrievalSplit:
     @property
     def num_captions(self) -> int:
         return len(self.captions)
-
-    def image_dataset(self, transform: Transform) -> RetrievalImages:
-        return RetrievalImages(self.image_paths, self.image_ids, transform)
 
     def tokenize(self, tokenizer: TextTokenizer, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """All captions -> ids (NT, S), pad (NT, S), in caption-index order."""

@@ -17,11 +17,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mmmae.config import model_cfg
-from mmmae.data.collate import collate_dicts
-from mmmae.embedding import Embedder, InputItem, progress_bar, read_list, register_inputs
+from mmmae.data.quality import ReadFailures, read_item
+from mmmae.embedding import Embedder, InputItem, read_list, register_inputs
+from mmmae.evaluation import eval_loader, progress_bar, run_batches
 from mmmae.vl.data import _BAD_IMAGE_ERRORS, IMAGE_EXTS, _load_rgb
 
 log = logging.getLogger(__name__)
@@ -67,23 +68,21 @@ def list_texts(input_path: str) -> list[InputItem]:
 # ------------------------------------------------------------------------------------------ images
 
 class ImageFiles(Dataset):
-    """Images by path through ``transform``; an unreadable file gives ``ok=False`` and the reason,
-    never a silent replacement, so callers can list it."""
+    """Images by path through ``transform``, read by the one reader in evaluation mode: an unreadable
+    file is never replaced; its sample says ``valid=False`` with the file and the reason (the collate
+    sets it aside into ``failed``)."""
 
     def __init__(self, paths: Sequence[str], transform: Callable[[Any], torch.Tensor]) -> None:
         self.paths, self.transform = list(paths), transform
+        self.reads = ReadFailures(1.0, "ImageFiles", "image")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.paths[index]
-        try:
-            pil = _load_rgb(path)
-        except _BAD_IMAGE_ERRORS as e:
-            log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
-            return {"image": None, "index": index, "ok": False, "error": f"{type(e).__name__}: {e}"}
-        return {"image": self.transform(pil), "index": index, "ok": True, "error": None}
+        got = read_item(index, len(self.paths), lambda i: self.transform(_load_rgb(self.paths[i])),
+                        errors=_BAD_IMAGE_ERRORS, name=lambda i: self.paths[i], reads=self.reads, replace=False)
+        return {"image": got.value, "index": index, "path": self.paths[index], **got.fields()}
 
 
 @torch.no_grad()
@@ -92,13 +91,9 @@ def embed_image_files(fn: Callable[[torch.Tensor], torch.Tensor], paths: Sequenc
                       desc: str = "images") -> tuple[torch.Tensor, list[int], list[dict[str, Any]]]:
     """Embed images by path -> (embeddings (N_ok, D) fp32 on CPU, their indices into ``paths``,
     failures ``{"index", "error"}``)."""
-    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_dicts)
+    loader = eval_loader(ImageFiles(paths, transform), batch_size, num_workers)
     embs, kept, failed = [], [], []
-    for batch in progress_bar(loader, len(loader), desc, progress):
-        failed.extend(batch["failed"])
-        if batch["image"] is None:
-            continue
+    for batch in run_batches(loader, "image", failed, desc=desc, progress=progress):
         embs.append(fn(batch["image"].to(device)).float().cpu())
         kept.extend(batch["index"].tolist())
     return (torch.cat(embs) if embs else torch.empty(0, 0)), kept, failed
