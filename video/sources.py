@@ -234,7 +234,11 @@ class OmniDataset(ConcatDataset):
                                  seed)
 
 
-@register_dataset("omni", JointDataCfg, "omni", repeated=True)
+def _mixed_batches(dataset: Any, batch_size: int, world: int, rank: int, seed: int) -> MixedBatchSampler:
+    return dataset.make_batch_sampler(batch_size, world, rank, seed)
+
+
+@register_dataset("omni", JointDataCfg, "omni", repeated=True, batch_sampler=_mixed_batches)
 def _build_omni(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
     if split != "train":

@@ -44,12 +44,17 @@ class SourceSpec:
     # Loader items carry ``data.num_samples`` views each (repeated sampling), so a micro batch holds
     # ``batch_size x num_samples`` samples.
     repeated: bool = False
+    # The source's own training batch sampler, (dataset, batch_size, world, rank, seed) -> a batch
+    # sampler with set_epoch(epoch, start_batch) (OmniMAE's image/video mixing); None: the trainer's
+    # shuffled, resumable shards of the dataset.
+    batch_sampler: Callable[[Any, int, int, int, int], Any] | None = None
 
 
 SOURCES: dict[str, SourceSpec] = {}
 
 
-def register_dataset(name: str, cfg_cls: type, provides: str, *, repeated: bool = False
+def register_dataset(name: str, cfg_cls: type, provides: str, *, repeated: bool = False,
+                     batch_sampler: Callable[[Any, int, int, int, int], Any] | None = None
                      ) -> Callable[[DatasetBuilder], DatasetBuilder]:
     if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, DataCfg)):
         raise TypeError(f"source {name!r}: its config class must subclass mmmae.data.registry.DataCfg")
@@ -59,7 +64,7 @@ def register_dataset(name: str, cfg_cls: type, provides: str, *, repeated: bool 
     def deco(fn: DatasetBuilder) -> DatasetBuilder:
         if name in SOURCES:
             raise ValueError(f"dataset {name!r} is registered twice")
-        SOURCES[name] = SourceSpec(name, cfg_cls, provides, fn, repeated)
+        SOURCES[name] = SourceSpec(name, cfg_cls, provides, fn, repeated, batch_sampler)
         return fn
     return deco
 

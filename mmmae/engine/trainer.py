@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from mmmae.config import ConfigError, dump_config, effective_lr, model_cfg
 from mmmae.data.collate import MaskCollator, collate_dicts
-from mmmae.data.registry import build_dataset, views_per_item
+from mmmae.data.registry import build_dataset, get_source, views_per_item
 from mmmae.data.sampler import ResumableBatchSampler, SeededDataset, mix_seed
 from mmmae.engine import dist as D
 from mmmae.engine.checkpoint import (complete_checkpoints, consolidated_state_dict, load_first_readable,
@@ -176,21 +176,7 @@ def load_init_weights(model: torch.nn.Module, path: str, *, strict: bool = True,
     return report
 
 
-# --- What the loop asks of a dataset beyond a map-style Dataset ----------------------------------------
-
-def _own_batch_sampler(dataset: Any) -> bool:
-    """A dataset may bring its own batch sampler (e.g. OmniMAE's image/video mixing); else shuffled shards."""
-    return hasattr(dataset, "make_batch_sampler")
-
-
-def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-
-
-def _dataset_collate(dataset: Any) -> Any:
-    return getattr(dataset, "collate_fn", collate_dicts)
-
+# --- Batches ------------------------------------------------------------------------------------------
 
 def _skip_counts(batch: dict[str, Any]) -> dict[str, int]:
     """Unreadable inputs the dataset skipped for this batch, by counter (skipped_videos, skipped_images)."""
@@ -286,15 +272,17 @@ class TrainData:
     """The training data of one rank: the dataset, its batch sampler, the collate that makes the masks,
     and the loader, read from a :class:`TrainState`'s position on, epoch after epoch."""
 
-    def __init__(self, cfg: DictConfig, dataset: Any, mask_fn: Any, *, world: int, rank: int, seed: int,
-                 device: torch.device, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(self, cfg: DictConfig, dataset: SeededDataset, mask_fn: Any, *, world: int, rank: int, seed: int,
+                 device: torch.device, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 batch_sampler: Callable[[Any, int, int, int, int], Any] | None = None) -> None:
+        """``batch_sampler``: the source's own (its spec's ``batch_sampler``), else shuffled resumable shards."""
         self.dataset, self.seed, self.device, self.transform = dataset, seed, device, transform
-        if _own_batch_sampler(dataset):
-            self.batch_sampler = dataset.make_batch_sampler(cfg.data.batch_size, world, rank, seed)
+        if batch_sampler is not None:
+            self.batch_sampler = batch_sampler(dataset.dataset, cfg.data.batch_size, world, rank, seed)
         else:
             self.batch_sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, world, rank,
                                                        shuffle=True, seed=seed)
-        self.collate = MaskCollator(mask_fn, seed=seed, collate=_dataset_collate(dataset))
+        self.collate = MaskCollator(mask_fn, seed=seed, collate=collate_dicts)
         self.loader_gen = torch.Generator()
         self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, collate_fn=self.collate,
                                  num_workers=cfg.data.num_workers, generator=self.loader_gen,
@@ -307,7 +295,7 @@ class TrainData:
         advances ``state.epoch_batches`` per batch and ``state.epoch`` when an epoch runs out."""
         while True:
             self.batch_sampler.set_epoch(state.epoch, start_batch=state.epoch_batches)
-            _set_dataset_epoch(self.dataset, state.epoch)
+            self.dataset.set_epoch(state.epoch)
             self.collate.set_epoch(state.epoch)
             self.loader_gen.manual_seed(mix_seed(self.seed, state.epoch, "workers"))
             for batch in timed_batches(self.loader, on_wait):
@@ -527,7 +515,8 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     saved = read_train_state(candidates[0]) if candidates else None
     accum = resume_accum_steps(saved, cfg, world, str(candidates[0]) if candidates else "")
     elastic = saved is not None and int(saved.get("world_size", world)) != world
-    if elastic and _own_batch_sampler(dataset):
+    source = get_source(cfg.data.dataset)
+    if elastic and source.batch_sampler is not None:
         raise ValueError(f"checkpoint {candidates[0]} was written by {saved['world_size']} processes; this data "
                          f"source's batch sampler keeps a position per rank, so it resumes on that many only")
     if elastic and D.is_main():
@@ -535,7 +524,8 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                  saved["world_size"], world, accum, saved["global_batch"])
     data = TrainData(cfg, dataset, spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, world=world, rank=rank,
                      seed=seed, device=device,
-                     transform=spec.batch_transform(cfg, mcfg) if spec.batch_transform else None)
+                     transform=spec.batch_transform(cfg, mcfg) if spec.batch_transform else None,
+                     batch_sampler=source.batch_sampler)
     if data.batches_per_epoch < accum:
         raise ValueError(f"the dataset gives {data.batches_per_epoch} batches of {cfg.data.batch_size} per process, "
                          f"fewer than {accum} accumulation steps; lower data.batch_size")
