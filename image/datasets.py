@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from mmmae.data.quality import ReadFailures, read_item
 from mmmae.data.registry import DataCfg, register_dataset
-from mmmae.data.sampler import FirstItems, mix_seed
+from mmmae.data.sampler import mix_seed
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -158,10 +158,6 @@ def _image_transform(cfg, model_cfg):  # noqa: ANN001, ANN202 - cfg is the loade
     return mae_train_transform(model_cfg.img_size, scale=(cfg.data.min_scale, 1.0), hflip=cfg.data.hflip)
 
 
-def _limited(ds: Dataset, limit: int) -> Dataset:
-    return FirstItems(ds, limit) if limit else ds
-
-
 @register_dataset("synthetic", SyntheticCfg, "image")
 def _build_synthetic(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
     return SyntheticImages(cfg.data.length, model_cfg.img_size, seed=0 if split == "train" else 1)
@@ -172,12 +168,11 @@ def _build_image_folder(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
     root = cfg.data.root if split == "train" else (cfg.data.val_root or cfg.data.root)
     from mmmae.data.transforms import eval_transform
     tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size)
-    return _limited(ImageFolder(root, tf, cfg.data.max_bad_fraction, replace=split == "train", seed=cfg.train.seed),
-                    cfg.data.limit)
+    return ImageFolder(root, tf, cfg.data.max_bad_fraction, replace=split == "train", seed=cfg.train.seed)
 
 
 @register_dataset("fashion_mnist", FashionMNISTCfg, "image")
 def _build_fashion_mnist(cfg, split: str, model_cfg) -> Dataset:  # noqa: ANN001
     from mmmae.data.transforms import eval_transform
     tf = _image_transform(cfg, model_cfg) if split == "train" else eval_transform(model_cfg.img_size, crop_pct=1.0)
-    return FashionMNIST(cfg.data.root, "train" if split == "train" else "test", tf, limit=cfg.data.limit)
+    return FashionMNIST(cfg.data.root, "train" if split == "train" else "test", tf)

@@ -48,6 +48,7 @@ from torch import nn
 from mmmae.config import model_cfg
 from mmmae.data.registry import input_data
 from mmmae.evaluation import load_for_eval, progress_bar
+from mmmae.heads import pool_tokens
 from mmmae.registry import _ensure_registered
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,9 @@ def load_model(cfg: DictConfig, checkpoint: str, device: torch.device, modalitie
 
 
 def _pool_tokens(x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """(B, P+L, D) tokens -> (B, D) mean over the L patch tokens; (B, D) passes through."""
-    return x[:, num_prefix:].mean(dim=1) if x.ndim == 3 else x
+    """(B, P+L, D) tokens -> (B, D) mean over the L patch tokens (``pool_tokens``'s ``avg``); (B, D)
+    features pass through."""
+    return pool_tokens(x, num_prefix, "avg") if x.ndim == 3 else x
 
 
 class Embedder:

@@ -134,3 +134,32 @@ def test_collate_sets_unreadable_samples_aside() -> None:
     files = collate_dicts([{"image": None, "index": 0, "error": "OSError: x"},
                            {"image": torch.ones(3), "index": 1, "error": None}])
     assert files["index"].tolist() == [1] and files["failed"] == [{"index": 0, "error": "OSError: x"}]
+
+
+@pytest.mark.parametrize("config, overrides, split", [
+    ("image_mae_tiny.yaml", [], "train"),  # fashion_mnist
+    ("linprobe_fashion_mnist_tiny.yaml", [], "val"),
+    ("video_mae_tiny.yaml", [], "train"),  # video_list
+    ("finetune_kinetics_tiny.yaml", [], "val"),  # video_list test views
+    ("m3ae_tiny.yaml", [], "train"),  # captions
+])
+def test_data_limit_keeps_the_first_items_of_every_source(config: str, overrides: list[str], split: str,
+                                                          fashion_mnist: object) -> None:
+    """``data.limit`` is applied once, by build_dataset, whatever the source: the first N items of the
+    unlimited split, in order."""
+    from conftest import VIDEOS
+    from mmmae.config import load_config, model_cfg
+    from mmmae.data.registry import build_dataset
+
+    common = [f"data.root={VIDEOS}"] if "video" in config or "kinetics" in config else []
+    full_cfg = load_config(config, [*common, *overrides])
+    cut_cfg = load_config(config, [*common, *overrides, "data.limit=2"])
+    full = build_dataset(full_cfg, split, model_cfg(full_cfg.model))
+    cut = build_dataset(cut_cfg, split, model_cfg(cut_cfg.model))
+    assert len(full) > 2 and len(cut) == 2
+    for i in range(2):
+        a, b = full[i], cut[i]
+        a, b = (a[0], b[0]) if isinstance(a, list) else (a, b)
+        key = next(k for k in ("video", "image") if k in a)
+        assert a.get("label") == b.get("label") and a.get("index") == b.get("index") == i
+        assert a[key] is not None and a[key].shape == b[key].shape

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 
-from mmmae.data.registry import DataCfg, get_source, register_dataset
+from mmmae.data.registry import DataCfg, get_source, limited, register_dataset
 from mmmae.data.sampler import MixedBatchSampler, mix_seed
 from mmmae.heads import ClassifierCfg
 
@@ -95,8 +95,6 @@ def video_items(cfg: Any, split: str, kind: str) -> list[Item]:
                                       d.root)
     else:
         raise ValueError(f"unknown video source kind {kind!r}")
-    if d.limit:
-        items = items[: d.limit]
     if kind == "ssv2":
         _need_videos(items, list_path, d.root)
     if not items:
@@ -147,7 +145,7 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
         # data.train_list / data.val_list: a shard list (tools/prepare_videos.py's shards.txt) or one .tar.
         list_key, list_path = ("data.train_list", d.train_list) if split == "train" else ("data.val_list", d.val_list)
         index = ShardIndex(read_shard_list(_need_file(list_path, list_key), d.root))
-        items, opener = (index.items[: d.limit] if d.limit else index.items), index.open
+        items, opener = index.items, index.open
     else:
         items = video_items(cfg, split, kind)
     size = model_cfg.img_size
@@ -240,11 +238,12 @@ def _mixed_batches(dataset: Any, batch_size: int, world: int, rank: int, seed: i
 
 @register_dataset("omni", JointDataCfg, "omni", repeated=True, batch_sampler=_mixed_batches)
 def _build_omni(cfg: Any, split: str, model_cfg: Any) -> Dataset:
-    videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
+    # The mixed batch sampler indexes the two parts: data.limit applies to each.
+    videos = limited(build_video_source(cfg, split, model_cfg, _default_video_kind(cfg)), cfg.data.limit)
     if split != "train":
         return videos
-    images = GroupedImages(build_image_source(cfg, split, model_cfg), max(cfg.data.num_samples, 1))
-    return OmniDataset(images, videos, cfg.data.image_ratio)
+    images = limited(build_image_source(cfg, split, model_cfg), cfg.data.limit)
+    return OmniDataset(GroupedImages(images, max(cfg.data.num_samples, 1)), videos, cfg.data.image_ratio)
 
 
 class VideoImageDataset(Dataset):

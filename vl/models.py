@@ -43,7 +43,7 @@ from torch import nn
 
 from mmmae.decoder import TEST_DECODER
 from mmmae.encoder import VisionEncoder, init_vit_weights
-from mmmae.heads import EncoderCfg, EncoderModel
+from mmmae.heads import EncoderCfg, EncoderModel, pool_tokens
 from mmmae.heads import vision_encoder_state as core_vision_encoder_state
 from mmmae.layers import Block, key_padding_bias
 from mmmae.layers.attention import AttnImpl, QkvBias
@@ -188,15 +188,9 @@ class MultimodalEncoder(VisionEncoder):
 def pool_features(x: torch.Tensor, num_prefix_tokens: int, pool: str, pad: torch.Tensor | None = None) -> torch.Tensor:
     """(B, P+L, D) -> (B, D): the [cls] token (``"token"``) or the mean over the L tokens that are
     not padding (``"avg"``; ``pad`` (B, L) bool, True = padding)."""
-    if pool == "token":
-        if num_prefix_tokens == 0:
-            raise ValueError("pool='token' needs an encoder with a [cls] token")
-        return x[:, 0]
-    if pool != "avg":
-        raise ValueError(f"pool must be 'token' ([cls]) or 'avg' (mean over non-padding tokens), got {pool!r}")
+    if pad is None or pool != "avg":
+        return pool_tokens(x, num_prefix_tokens, pool)
     x = x[:, num_prefix_tokens:]
-    if pad is None:
-        return x.mean(dim=1)
     valid = (~pad).unsqueeze(-1).to(x.dtype)
     return (x * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 

@@ -28,7 +28,6 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from mmmae.data.registry import DataCfg, register_dataset
-from mmmae.data.sampler import FirstItems
 from mmmae.vl.data import Transform, build_caption_dataset, image_stats
 from mmmae.vl.tokenizers import TextTokenizer, build_tokenizer
 
@@ -93,4 +92,4 @@ def build_captions(cfg: Any, split: str, model_cfg: Any) -> Dataset:
     ds = build_caption_dataset(captions, images, caption_transform(cfg, model_cfg, split), tokenizer,
                                split=split, mode=cfg.data.caption_mode, seed=cfg.train.seed,
                                max_bad_fraction=cfg.data.max_bad_fraction, replace=split == "train")
-    return FirstItems(ds, cfg.data.limit) if cfg.data.limit else ds
+    return ds

@@ -88,9 +88,19 @@ def views_per_item(data: Any) -> int:
     return max(int(data.num_samples), 1) if get_source(data.dataset).repeated else 1
 
 
+def limited(dataset: Dataset, limit: int) -> Dataset:
+    """``data.limit``: the first ``limit`` items (all of them for 0)."""
+    from mmmae.data.sampler import FirstItems
+    return FirstItems(dataset, limit) if limit else dataset
+
+
 def build_dataset(cfg: Any, split: str, model_cfg: Any) -> Dataset:
-    """Build the ``data`` block's source for ``split`` ("train" or "val")."""
-    return get_source(cfg.data.dataset).build(cfg, split, model_cfg)
+    """Build the ``data`` block's source for ``split`` ("train" or "val"); ``data.limit`` keeps its first
+    items, for every source alike, here (a source with its own batch sampler, which indexes its parts,
+    limits each part with :func:`limited`)."""
+    spec = get_source(cfg.data.dataset)
+    dataset = spec.build(cfg, split, model_cfg)
+    return dataset if spec.batch_sampler is not None else limited(dataset, cfg.data.limit)
 
 
 # The source whose data block describes how loose inputs of a kind are read (extraction, pictures,
