@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -359,3 +360,56 @@ def test_eval_on_m3ae_and_unreadable_images(runs: dict[str, Path], tmp_path: Pat
     mae_cfg = load_config("image_mae_tiny.yaml")
     with pytest.raises(ValueError, match="no text encoder"):
         extract(mae_cfg, str(runs["m3ae"]), "text", str(lines), str(tmp_path / "x" / "no"), progress=False)
+
+
+@needs_coco
+@pytest.mark.slow
+def test_eval_reads_caption_shards_as_it_reads_files(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Tar shards are an evaluation source too: each sample (an image and its caption) is one gallery
+    entry; a corrupt member is listed and left out; a sample without a caption is not in the gallery.
+    The scores equal those of a pairs file holding the same readable images and captions."""
+    import csv
+    import tarfile
+
+    from mmmae.vl.evaluation import evaluate_retrieval
+
+    data = json.loads(VAL_CAPTIONS.read_text())
+    images = data["images"][:6]
+    first = {}
+    for a in data["annotations"]:
+        first.setdefault(a["image_id"], a["caption"].strip())
+
+    def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"val-{s:03d}.tar", "w") as tar:
+            for k, img in enumerate(images[3 * s:3 * s + 3]):
+                key = f"{3 * s + k:06d}"
+                jpeg = b"not a jpeg" if key == "000004" else (COCO_MINI / "val2017" / img["file_name"]).read_bytes()
+                add(tar, f"{key}.jpg", jpeg)
+                if key != "000005":  # the last sample has no caption
+                    add(tar, f"{key}.txt", first[img["id"]].encode())
+    ckpt = str(runs["retrieval"])
+    cfg = load_config("retrieval_coco_tiny.yaml", coco_overrides(**{"data.val_captions": str(shards / "val-{000..001}.tar"),
+                                                                   "data.val_images": ""}))
+    rep = evaluate_retrieval(cfg, ckpt, progress=False)
+    p = rep["protocol"]
+    assert p["format"] == "shards" and (p["num_images"], p["num_images_scored"]) == (5, 4)
+    assert (p["num_captions"], p["num_captions_scored"]) == (5, 4)
+    assert rep["num_unreadable"] == 1 and rep["unreadable"][0]["path"].endswith("val-001.tar/000004.jpg")
+
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for img in images[:4]:
+            w.writerow([img["file_name"], first[img["id"]]])
+    files = evaluate_retrieval(load_config("retrieval_coco_tiny.yaml", coco_overrides(**{
+        "data.val_captions": str(pairs), "data.val_images": str(COCO_MINI / "val2017")})), ckpt, progress=False)
+    for k in METRIC_KEYS:
+        assert rep["metrics"][k] == pytest.approx(files["metrics"][k], abs=1e-6), k

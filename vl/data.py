@@ -525,6 +525,7 @@ class CaptionShards(Dataset):
         if not self.keys:
             raise ValueError(f"no samples in the caption shards {self.urls[:3]}")
         self._bad = ReadFailures(max_bad_fraction, "CaptionShards", "image")
+        self._by_name: dict[str, int] | None = None  # image name -> item, made on the first open_image
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -537,6 +538,25 @@ class CaptionShards(Dataset):
         """``<shard>/<member>`` of item ``index``'s image (its key when it has none)."""
         s, image, _ = self._members[index]
         return f"{self.urls[s]}/{image.name if image is not None else self.keys[index]}"
+
+    def records(self) -> list[CaptionRecord]:
+        """The shards as a retrieval gallery: one record per sample that has a caption (read as
+        training reads it), naming its image ``<shard>/<member>`` (:meth:`open_image` reads it)."""
+        out = []
+        for i, (s, _, text) in enumerate(self._members):
+            caption = read_member(self.urls[s], text).decode("utf-8", errors="replace").strip() if text else ""
+            if caption:
+                out.append(CaptionRecord(self.name(i), [caption], self.keys[i]))
+        return out
+
+    def open_image(self, name: str) -> Image.Image:
+        """The image a record names (:meth:`records`); raises ValueError for a sample without one."""
+        if self._by_name is None:
+            self._by_name = {self.name(i): i for i in range(len(self))}
+        s, image, _ = self._members[self._by_name[name]]
+        if image is None:
+            raise ValueError(f"{name}: the sample has no image ({', '.join(IMAGE_EXTS)})")
+        return _load_rgb(read_member(self.urls[s], image))
 
     def _read(self, index: int) -> tuple[Image.Image, str]:
         s, image, text = self._members[index]

@@ -2,7 +2,8 @@
 
 The split is ``data.val_captions`` / ``data.val_images`` in any format ``mmmae.vl.data`` reads: an
 official COCO captions json (the file is the split), the Karpathy file ``dataset_coco.json`` (split
-``test`` by default: the 5k-image COCO test set, 25k captions), or csv/jsonl pairs. Every image
+``test`` by default: the 5k-image COCO test set, 25k captions), csv/jsonl pairs, or WebDataset-style
+tar shards (each sample an image and its caption, read member by member). Every image
 keeps its first ``max_captions_per_image`` captions (5: the usual protocol; a few COCO images have
 6-7). Images go through the caption data's evaluation transform (resize the short side to
 ``img_size``, centre crop), captions through the config's tokenizer.
@@ -22,7 +23,7 @@ never replaced or silently dropped.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from omegaconf import DictConfig
 
 from mmmae.config import model_cfg
 from mmmae.metrics import retrieval_metrics
-from mmmae.vl.data import RetrievalSplit, load_caption_source
+from mmmae.vl.data import CaptionShards, RetrievalSplit, _load_rgb, load_caption_source
 from mmmae.embedding import Embedder, load_model
 from mmmae.vl.extract import embed_image_files, embed_texts, image_transform
 
@@ -42,21 +43,22 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rs
 
 
 def load_retrieval_split(cfg: DictConfig, split: str = "test", max_captions_per_image: int | None = 5
-                         ) -> tuple[RetrievalSplit, str]:
-    """``data.val_captions`` / ``data.val_images`` -> (the retrieval split, the source kind)."""
+                         ) -> tuple[RetrievalSplit, str, Callable[[str], Any]]:
+    """``data.val_captions`` / ``data.val_images`` -> (the retrieval split, the source kind, how its
+    images are read: files, or the members of tar shards, each sample an image and its caption)."""
     if not cfg.data.val_captions:
         raise ValueError("data.val_captions is not set: give the evaluation captions (a COCO captions json, the "
-                         "Karpathy dataset_coco.json, or csv/jsonl pairs) and data.val_images")
+                         "Karpathy dataset_coco.json, csv/jsonl pairs, or tar shards) and data.val_images")
     source = load_caption_source(cfg.data.val_captions, cfg.data.val_images, split)
     if source.kind == "shards":
-        raise ValueError(f"data.val_captions={cfg.data.val_captions!r} names tar shards; retrieval needs the full "
-                         f"gallery up front (a COCO/Karpathy json or csv/jsonl pairs)")
-    return RetrievalSplit.from_records(source.records, max_captions_per_image), source.kind
+        shards = CaptionShards(source.shards, transform=lambda pil: pil, replace=False)
+        return RetrievalSplit.from_records(shards.records(), max_captions_per_image), source.kind, shards.open_image
+    return RetrievalSplit.from_records(source.records, max_captions_per_image), source.kind, _load_rgb
 
 
 @torch.no_grad()
 def compute_embeddings(cfg: DictConfig, embedder: Embedder, rs: RetrievalSplit, *, batch_size: int,
-                       device: torch.device, progress: bool = True
+                       device: torch.device, progress: bool = True, load: Callable[[str], Any] = _load_rgb
                        ) -> tuple[torch.Tensor, list[int], list[dict[str, Any]], torch.Tensor, str]:
     """Image embeddings of the readable images (Ni_ok, D), their indices, the failures, caption
     embeddings (Nt, D) (all L2-normalised), and the tokenizer's description."""
@@ -66,7 +68,7 @@ def compute_embeddings(cfg: DictConfig, embedder: Embedder, rs: RetrievalSplit, 
     tokenizer = model_tokenizer(mcfg)
     img, kept, failed = embed_image_files(embedder.image, rs.image_paths, image_transform(cfg, mcfg),
                                           batch_size=batch_size, num_workers=cfg.data.num_workers, device=device,
-                                          progress=progress, desc="retrieval images")
+                                          progress=progress, desc="retrieval images", load=load)
     ids, pad = rs.tokenize(tokenizer)
     txt = embed_texts(embedder.text, ids, pad, batch_size=batch_size, device=device, progress=progress,
                       desc="retrieval captions")
@@ -90,11 +92,11 @@ def evaluate_retrieval(cfg: DictConfig, checkpoint: str, *, split: str = "test",
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = cfg.model.name
     mcfg = model_cfg(cfg.model)
-    rs, kind = load_retrieval_split(cfg, split, max_captions_per_image or None)
+    rs, kind, load = load_retrieval_split(cfg, split, max_captions_per_image or None)
     model, load_report = load_model(cfg, checkpoint, device, modalities=("image", "text"))
     embedder = Embedder(model, name)
     img, kept, failed, txt, tok = compute_embeddings(cfg, embedder, rs, batch_size=batch_size or cfg.data.batch_size,
-                                                     device=device, progress=progress)
+                                                     device=device, progress=progress, load=load)
     unreadable = [{"index": f["index"], "path": rs.image_paths[f["index"]], "image_id": rs.image_ids[f["index"]],
                    "num_captions": len(rs.img2txt[f["index"]]), "error": f["error"]} for f in failed]
     if unreadable:

@@ -72,15 +72,17 @@ class ImageFiles(Dataset):
     file is never replaced; its sample says ``valid=False`` with the file and the reason (the collate
     sets it aside into ``failed``)."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable[[Any], torch.Tensor]) -> None:
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths: Sequence[str], transform: Callable[[Any], torch.Tensor],
+                 load: Callable[[str], Any] = _load_rgb) -> None:
+        """``load``: path -> PIL image (default: a file; caption shards pass their member reader)."""
+        self.paths, self.transform, self.load = list(paths), transform, load
         self.reads = ReadFailures(1.0, "ImageFiles", "image")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        got = read_item(index, len(self.paths), lambda i: self.transform(_load_rgb(self.paths[i])),
+        got = read_item(index, len(self.paths), lambda i: self.transform(self.load(self.paths[i])),
                         errors=_BAD_IMAGE_ERRORS, name=lambda i: self.paths[i], reads=self.reads, replace=False)
         return {"image": got.value, "index": index, "path": self.paths[index], **got.fields()}
 
@@ -88,10 +90,11 @@ class ImageFiles(Dataset):
 @torch.no_grad()
 def embed_image_files(fn: Callable[[torch.Tensor], torch.Tensor], paths: Sequence[str], transform: Any, *,
                       batch_size: int, num_workers: int, device: torch.device, progress: bool = True,
-                      desc: str = "images") -> tuple[torch.Tensor, list[int], list[dict[str, Any]]]:
-    """Embed images by path -> (embeddings (N_ok, D) fp32 on CPU, their indices into ``paths``,
-    failures ``{"index", "error"}``)."""
-    loader = eval_loader(ImageFiles(paths, transform), batch_size, num_workers)
+                      desc: str = "images", load: Callable[[str], Any] = _load_rgb
+                      ) -> tuple[torch.Tensor, list[int], list[dict[str, Any]]]:
+    """Embed images by path (read with ``load``) -> (embeddings (N_ok, D) fp32 on CPU, their indices
+    into ``paths``, failures ``{"index", "error"}``)."""
+    loader = eval_loader(ImageFiles(paths, transform, load), batch_size, num_workers)
     embs, kept, failed = [], [], []
     for batch in run_batches(loader, "image", failed, desc=desc, progress=progress):
         embs.append(fn(batch["image"].to(device)).float().cpu())
