@@ -1,4 +1,5 @@
-"""Fine-tuning augmentations for clips: RandAugment with one draw per clip, per-frame random erasing."""
+"""Fine-tuning augmentations for clips: RandAugment with one draw per clip, per-frame random erasing;
+device-side augmentation (data.gpu_augment)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,44 @@ def test_finetune_recipe_on_a_real_clip() -> None:
     out = tf(clip, torch.Generator().manual_seed(0))
     assert out.shape == (3, 8, 64, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.equal(out, tf(clip, torch.Generator().manual_seed(0)))
+
+
+# ------------------------------------------------------------------ device-side augmentation
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("video_mae_tiny.yaml", []),  # pretraining: VideoMAE's multi-scale crop, antialiased resize
+    ("finetune_kinetics_tiny.yaml", ["data.erase_prob=0", "data.hflip=true",
+                                     "data.rand_augment=rand-m7-n4-mstd0.5-inc1"]),  # RRC + flip + RandAugment
+])
+def test_gpu_augment_gives_the_cpu_paths_clips(config: str, extra: list[str]) -> None:
+    """data.gpu_augment splits the training transform: workers draw the same numbers from the same
+    per-sample generator and cut the box; the device half resizes, flips and normalises. Run on the
+    CPU, the batches equal the CPU path's (so both draw from one distribution), views and flips included."""
+    from mmmae.config import load_config, model_cfg
+    from mmmae.data.collate import collate_dicts
+    from mmmae.data.registry import build_dataset, get_source
+
+    cpu = load_config(config, [f"data.root={VIDEOS}", "data.num_samples=2", *extra])
+    dev = load_config(config, [f"data.root={VIDEOS}", "data.num_samples=2", "data.gpu_augment=true", *extra])
+    a, b = (build_dataset(c, "train", model_cfg(c.model)) for c in (cpu, dev))
+    raw = collate_dicts([b[i] for i in range(3)])
+    assert isinstance(raw["video"], list) and raw["video"][0].dtype == torch.uint8  # crops of several sizes
+    assert len({tuple(c.shape) for c in raw["video"]}) > 1 and len(raw["video_flip"]) == 6
+    augment = get_source(dev.data.dataset).device_transform(dev, model_cfg(dev.model), torch.device("cpu"))
+    got, want = augment(raw), collate_dicts([a[i] for i in range(3)])
+    assert "video_flip" not in got and got["video"].shape == want["video"].shape == (6, 3, 4, 32, 32)
+    assert torch.equal(got["video"], want["video"])
+
+
+def test_gpu_augment_trains_and_refuses_what_it_does_not_run(tmp_path, dist_group) -> None:  # noqa: ANN001
+    from mmmae.config import load_config
+    from mmmae.engine.trainer import train
+
+    common = [f"data.root={VIDEOS}", "train.progress=false", "train.vis_every=0", "train.ckpt_every=100",
+              "train.log_every=1", "train.max_steps=2", "data.num_workers=0", "train.precision=fp32"]
+    summary = train(load_config("video_mae_tiny.yaml", [*common, "data.gpu_augment=true", f"output_dir={tmp_path / 'a'}"]))
+    assert summary["step"] == 2 and np.isfinite(summary["last"]["loss"])
+    with pytest.raises(ValueError, match="data.erase_prob=0.25"):
+        train(load_config("finetune_kinetics_tiny.yaml", [*common, "data.gpu_augment=true", "data.erase_prob=0.25",
+                                                          f"output_dir={tmp_path / 'b'}"]))

@@ -362,8 +362,10 @@ class VideoClipDataset(Dataset):
         where = {f: k for k, f in enumerate(union)}
         samples = []
         for clip in clips:
-            video = self.transform(frames[[where[i] for i in clip]], generator)  # (3, T, H, W)
-            samples.append({"video": video, "label": label, "index": index, "skipped": 0})
+            # (3, T, H, W); or the worker half of device-side augmentation: {"video": uint8 crop, "video_flip"}
+            video = self.transform(frames[[where[i] for i in clip]], generator)
+            fields = video if isinstance(video, dict) else {"video": video}
+            samples.append({**fields, "label": label, "index": index, "skipped": 0})
         return samples
 
     @property

@@ -35,7 +35,8 @@ from .datasets import (REPEAT_MODES, Item, VideoClipDataset, VideoTestDataset, l
                        read_annotation_list, read_ssv2_annotations)
 from .sampling import CLIP_RULES, SAMPLINGS, SHORT_MODES, ClipSampler
 from .shards import ShardIndex, read_shard_list
-from .transforms import finetune_transform, pretrain_transform
+from .transforms import (DeviceAugment, MultiScaleCrop, RandAugmentVideo, RandomResizedCropVideo, WorkerCrop,
+                         finetune_transform, pretrain_transform)
 
 __all__ = ["video_items", "clip_sampler", "build_video_source", "OmniDataset", "VideoImageDataset", "GroupedImages"]
 
@@ -60,6 +61,9 @@ class VideoDataCfg(DataCfg):
     min_scale: float = 0.2  # fine-tuning random-resized-crop lower scale
     rand_augment: str = ""  # fine-tuning: timm RandAugment spec, e.g. rand-m7-n4-mstd0.5-inc1 ("" = off)
     erase_prob: float = 0.0  # fine-tuning: random erasing probability per frame (VideoMAE: 0.25)
+    # Training: workers only decode and cut the crop box; resize, flip and normalisation run on the
+    # training device (the same draws and the same clips as the CPU path; needs erase_prob 0).
+    gpu_augment: bool = False
 
 
 @dataclass
@@ -157,7 +161,9 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
         return VideoTestDataset(items, frames, d.sampling_rate, d.num_clips, d.num_crops, crop_size=size,
                                 backend=d.backend, short_clip=d.short_clip, sampler=sampler,
                                 decode_device=d.decode_device, opener=opener)
-    if finetune:
+    if d.gpu_augment:
+        transform: Any = worker_crop(cfg, model_cfg)
+    elif finetune:
         transform = finetune_transform(size, scale=(d.min_scale, 1.0), hflip=d.hflip, rand_augment=d.rand_augment,
                                        erase_prob=d.erase_prob)
     else:
@@ -168,8 +174,38 @@ def build_video_source(cfg: Any, split: str, model_cfg: Any, kind: str) -> Datas
                             decode_device=d.decode_device, opener=opener)
 
 
+def worker_crop(cfg: Any, model_cfg: Any) -> WorkerCrop:
+    """The worker half of ``data.gpu_augment``: the training transform's draws, cutting only the box
+    (pretraining: VideoMAE's multi-scale crop; fine-tuning: RandAugment on the worker, then the
+    random-resized crop and its flip)."""
+    d, size = cfg.data, model_cfg.img_size
+    if isinstance(model_cfg, ClassifierCfg):
+        if d.erase_prob > 0:
+            raise ValueError(f"data.gpu_augment=true does not run random erasing (data.erase_prob={d.erase_prob}); "
+                             f"set data.erase_prob=0 or data.gpu_augment=false")
+        crop: Any = RandomResizedCropVideo(size, scale=(d.min_scale, 1.0), hflip=d.hflip, antialias=False)
+        return WorkerCrop(crop, [RandAugmentVideo(d.rand_augment)] if d.rand_augment else [])
+    return WorkerCrop(MultiScaleCrop(size))
+
+
+def _no_device_augment(cfg: Any, source: str) -> None:
+    if cfg.data.gpu_augment:
+        raise ValueError(f"data.gpu_augment=true: the {source!r} source mixes videos with images on the CPU; "
+                         f"use a video source (video_list, video_folder, ssv2, video_shards) or "
+                         f"data.gpu_augment=false")
+
+
+def device_augment(cfg: Any, model_cfg: Any, device: Any) -> DeviceAugment | None:
+    """The device half of ``data.gpu_augment`` (None when it is off)."""
+    if not cfg.data.gpu_augment:
+        return None
+    crop = worker_crop(cfg, model_cfg)
+    return DeviceAugment(crop.size, crop.antialias, device)
+
+
 for _kind in ("video_list", "video_folder", "ssv2", "video_shards"):
-    register_dataset(_kind, VideoDataCfg, "video", repeated=True)(lambda cfg, split, model_cfg, _k=_kind: build_video_source(cfg, split, model_cfg, _k))
+    register_dataset(_kind, VideoDataCfg, "video", repeated=True, device_transform=device_augment)(
+        lambda cfg, split, model_cfg, _k=_kind: build_video_source(cfg, split, model_cfg, _k))
 
 
 def _default_video_kind(cfg: Any) -> str:
@@ -238,6 +274,7 @@ def _mixed_batches(dataset: Any, batch_size: int, world: int, rank: int, seed: i
 
 @register_dataset("omni", JointDataCfg, "omni", repeated=True, batch_sampler=_mixed_batches)
 def _build_omni(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    _no_device_augment(cfg, "omni")
     # The mixed batch sampler indexes the two parts: data.limit applies to each.
     videos = limited(build_video_source(cfg, split, model_cfg, _default_video_kind(cfg)), cfg.data.limit)
     if split != "train":
@@ -284,6 +321,7 @@ class VideoImageDataset(Dataset):
 
 @register_dataset("video_image", JointDataCfg, "video_image", repeated=True)
 def _build_video_image(cfg: Any, split: str, model_cfg: Any) -> Dataset:
+    _no_device_augment(cfg, "video_image")
     videos = build_video_source(cfg, split, model_cfg, _default_video_kind(cfg))
     if split != "train":
         return videos

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -476,3 +476,67 @@ def finetune_transform(
     if erase_prob > 0:
         ops.append(RandomErasingVideo(erase_prob))
     return Compose(ops)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device-side augmentation (``data.gpu_augment``): the workers decode and cut the crop box; the resize,
+# flip and normalisation run on the training device, a batch at a time.
+
+class WorkerCrop:
+    """The worker half of device-side augmentation. It makes the same draws, in the same order, from
+    the same generator as the CPU transform it splits (``before`` transforms, then ``crop.sample``, then
+    the flip coin of a flipping ``RandomResizedCropVideo``), and cuts only the crop box:
+    uint8 (T, H, W, 3) -> ``{"video": uint8 (T, h, w, 3) crop, "video_flip": bool}``. The crops of a
+    batch differ in size, so the collate keeps them as a list for :class:`DeviceAugment`."""
+
+    def __init__(self, crop: MultiScaleCrop | RandomResizedCropVideo, before: Sequence[ClipTransform] = ()) -> None:
+        self.crop, self.before = crop, list(before)
+
+    @property
+    def antialias(self) -> bool:
+        """The resize the CPU path would apply after this crop."""
+        return True if isinstance(self.crop, MultiScaleCrop) else self.crop.antialias
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.crop.input_size if isinstance(self.crop, MultiScaleCrop) else self.crop.size
+
+    def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, Any]:
+        if clip.dtype != torch.uint8:
+            raise ValueError(f"WorkerCrop takes decoded uint8 (T, H, W, 3) clips, got {clip.dtype}")
+        for t in self.before:
+            clip = t(clip, generator)
+        h, w = _spatial_dims(clip)
+        top, left, ch, cw = self.crop.sample(h, w, generator)
+        flip = (isinstance(self.crop, RandomResizedCropVideo) and self.crop.hflip
+                and float(torch.rand((), generator=generator).item()) < 0.5)
+        return {"video": crop_clip(clip, top, left, ch, cw).contiguous(), "video_flip": bool(flip)}
+
+    def __repr__(self) -> str:
+        return f"WorkerCrop({self.crop!r}, before={self.before})"
+
+
+class DeviceAugment:
+    """The device half: a batch's uint8 crops (a list, or a stacked tensor when they share a size) are
+    moved to ``device``, resized to ``size`` by the CPU path's own :func:`resize_clip` (uint8 rounding
+    included), flipped where the worker drew it, normalised, and stacked -> ``batch["video"]`` float
+    (B, 3, T, S, S). On the CPU it gives exactly the CPU path's clips (tests/test_video_augment.py)."""
+
+    def __init__(self, size: tuple[int, int], antialias: bool, device: torch.device | str = "cpu",
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.size, self.antialias, self.device = tuple(size), antialias, torch.device(device)
+        self.normalize = Normalize(mean, std)
+        self.normalize.mean = self.normalize.mean.to(self.device)
+        self.normalize.std = self.normalize.std.to(self.device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        clips, flips = batch["video"], batch["video_flip"]
+        out = []
+        for clip, flip in zip(clips, flips.tolist() if torch.is_tensor(flips) else flips):
+            x = resize_clip(clip.to(self.device, non_blocking=True), self.size, self.antialias)
+            out.append(self.normalize(hflip_clip(x) if flip else x))
+        rest = {k: v for k, v in batch.items() if k != "video_flip"}
+        return {**rest, "video": torch.stack(out)}
+
+    def __repr__(self) -> str:
+        return f"DeviceAugment(size={self.size}, antialias={self.antialias}, device={self.device})"

@@ -47,13 +47,17 @@ def _failure(sample: dict[str, Any]) -> dict[str, Any]:
 def _column(values: list[Any]) -> Any:
     if any(v is None or isinstance(v, str) for v in values):
         return values  # captions, paths, string ids
+    if (all(torch.is_tensor(v) and v.dtype == torch.uint8 for v in values)
+            and len({tuple(v.shape) for v in values}) > 1):
+        return values  # raw uint8 crops of several sizes, for device-side augmentation (data.gpu_augment)
     return default_collate(values)
 
 
 def collate_dicts(samples: Sequence[Any]) -> dict[str, Any]:
     """The one collate: dict samples (or lists of repeated views, flattened in order) -> a batch.
 
-    - tensors and numbers are stacked (``default_collate``); a field holding strings or None stays a list;
+    - tensors and numbers are stacked (``default_collate``); a field holding strings or None stays a list,
+      and so do uint8 tensors of several shapes (the raw crops that ``data.gpu_augment`` resizes on the device);
     - the per-sample ``skipped`` counts become one integer counter named for what was skipped
       (``skipped_videos``, ``skipped_images``: :func:`skip_counter_name`);
     - samples that carry a reader's verdict (``valid`` / ``error``: evaluation) or whose input

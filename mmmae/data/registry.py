@@ -48,13 +48,17 @@ class SourceSpec:
     # sampler with set_epoch(epoch, start_batch) (OmniMAE's image/video mixing); None: the trainer's
     # shuffled, resumable shards of the dataset.
     batch_sampler: Callable[[Any, int, int, int, int], Any] | None = None
+    # Training batches' device half of the augmentation, (cfg, model_cfg, device) -> batch -> batch or
+    # None (video sources with data.gpu_augment: resize, flip and normalise on the device).
+    device_transform: Callable[[Any, Any, Any], Any] | None = None
 
 
 SOURCES: dict[str, SourceSpec] = {}
 
 
 def register_dataset(name: str, cfg_cls: type, provides: str, *, repeated: bool = False,
-                     batch_sampler: Callable[[Any, int, int, int, int], Any] | None = None
+                     batch_sampler: Callable[[Any, int, int, int, int], Any] | None = None,
+                     device_transform: Callable[[Any, Any, Any], Any] | None = None
                      ) -> Callable[[DatasetBuilder], DatasetBuilder]:
     if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, DataCfg)):
         raise TypeError(f"source {name!r}: its config class must subclass mmmae.data.registry.DataCfg")
@@ -64,7 +68,7 @@ def register_dataset(name: str, cfg_cls: type, provides: str, *, repeated: bool 
     def deco(fn: DatasetBuilder) -> DatasetBuilder:
         if name in SOURCES:
             raise ValueError(f"dataset {name!r} is registered twice")
-        SOURCES[name] = SourceSpec(name, cfg_cls, provides, fn, repeated, batch_sampler)
+        SOURCES[name] = SourceSpec(name, cfg_cls, provides, fn, repeated, batch_sampler, device_transform)
         return fn
     return deco
 

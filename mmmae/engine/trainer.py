@@ -524,7 +524,7 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
                  saved["world_size"], world, accum, saved["global_batch"])
     data = TrainData(cfg, dataset, spec.make_mask_fn(mcfg) if spec.make_mask_fn else None, world=world, rank=rank,
                      seed=seed, device=device,
-                     transform=spec.batch_transform(cfg, mcfg) if spec.batch_transform else None,
+                     transform=_batch_transforms(cfg, mcfg, device, source, spec),
                      batch_sampler=source.batch_sampler)
     if data.batches_per_epoch < accum:
         raise ValueError(f"the dataset gives {data.batches_per_epoch} batches of {cfg.data.batch_size} per process, "
@@ -613,6 +613,20 @@ def _train(cfg: DictConfig, stop_flag: dict[str, int]) -> dict[str, Any]:
     D.barrier()
     return {"step": state.step, "last": last_record, "output_dir": str(out_dir), "checkpoints":
             [str(p) for p in complete_checkpoints(out_dir)], "init_report": init_report}
+
+
+def _batch_transforms(cfg: DictConfig, mcfg: Any, device: torch.device, source: Any, spec: MethodSpec
+                      ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """What runs on each device batch before the forward: the source's device half of the augmentation
+    (``data.gpu_augment``), then the method's batch transform (the classifier's mixup)."""
+    parts = [t for t in (source.device_transform(cfg, mcfg, device) if source.device_transform else None,
+                         spec.batch_transform(cfg, mcfg) if spec.batch_transform else None) if t is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    first, then = parts
+    return lambda batch: then(first(batch))
 
 
 def _init_from(model: torch.nn.Module, cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
