@@ -34,9 +34,13 @@ def test_loader_benchmark_covers_both_backends_and_repeated_sampling(tmp_path: P
     report = json.loads(out.read_text())
     backends = ["decord", "pyav", "torchcodec-cpu"] + (["torchcodec-cuda"] if torch.cuda.is_available() else [])
     rows = report["results"]
-    assert {(r["backend"], r["num_samples"]) for r in rows} == {(b, k) for b in backends for k in (1, 4)}
+    device = "device (cuda)" if torch.cuda.is_available() else "device (cpu)"
+    assert {(r["backend"], r["num_samples"], r["augment"]) for r in rows} == {
+        (b, k, "cpu workers") for b in backends for k in (1, 4)} | {(backends[0], k, device) for k in (1, 4)}
     assert all(r["source"] == "original" and r["clips_timed"] > 0 and r["clips_per_s"] > 0 for r in rows)
     once = report["decode_once"]
     assert {(r["backend"], r["repeat_mode"]) for r in once} == {
         (b, m) for b in backends for m in ("shared_window", "independent")}
-    assert all(r["videos"] == 3 for r in once)  # the tiny list's readable clips (corrupted.mp4 left out)
+    # The list's three clean clips always decode; corrupted.mp4 breaks after its first ~27 of 50 frames,
+    # so it counts only when every frame drawn for it lies before the break.
+    assert all(3 <= r["videos"] <= 4 for r in once), once

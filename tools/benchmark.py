@@ -209,9 +209,10 @@ def _data_backends() -> list[tuple[str, str]]:
     return pairs
 
 
-def _time_loader(dataset: Any, cfg: Any, batches: int) -> tuple[float, int]:
+def _time_loader(dataset: Any, cfg: Any, batches: int, augment: Any = None) -> tuple[float, int]:
     """Clips/s of a DataLoader over ``dataset`` after its first batch (worker start-up), cycling epochs
-    until ``batches`` batches are timed. Returns (clips/s, clips timed)."""
+    until ``batches`` batches are timed; ``augment``: the device half of ``data.gpu_augment``, run on
+    every batch and timed with it. Returns (clips/s, clips timed)."""
     from torch.utils.data import DataLoader
 
     from mmmae.data.collate import collate_dicts
@@ -223,6 +224,9 @@ def _time_loader(dataset: Any, cfg: Any, batches: int) -> tuple[float, int]:
     seen, clips, t0 = 0, 0, 0.0
     while seen <= batches:
         for batch in loader:
+            if augment is not None:
+                batch = augment(batch)
+                _sync(augment.device)
             if seen == 0:
                 t0 = time.perf_counter()
             else:
@@ -281,19 +285,29 @@ def bench_data(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]
             listed = json.load(f)["list"]
         sources.append(("reencoded", [f"data.root={os.path.abspath(args.reencoded)}",
                                       f"data.train_list={os.path.join(os.path.abspath(args.reencoded), listed)}"]))
+    from mmmae.data.registry import get_source
+
     loaders, decode_once = [], []
+    train_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for source, extra in sources:
-        for backend, device in _data_backends():
+        for n_backend, (backend, device) in enumerate(_data_backends()):
             label = backend if backend != "torchcodec" else f"torchcodec-{device}"
             # GPU decoding runs in the loading process (CUDA does not survive forked workers).
             gpu = ["data.num_workers=0"] if device == "cuda" else []
-            for num_samples in (1, 4):
+            # Augmentation on the CPU workers, and (for the first backend) on the training device.
+            runs = [(k, "cpu") for k in (1, 4)] + ([(k, "device") for k in (1, 4)] if n_backend == 0 else [])
+            for num_samples, where in runs:
                 cfg = load_config(args.data, [*overrides, *extra, *gpu, f"data.backend={backend}",
-                                              f"data.decode_device={device}", f"data.num_samples={num_samples}"])
-                ds = build_dataset(cfg, "train", model_cfg(cfg.model))
-                rate, clips = _time_loader(ds, cfg, args.batches)
+                                              f"data.decode_device={device}", f"data.num_samples={num_samples}",
+                                              f"data.gpu_augment={where == 'device'}"])
+                mcfg = model_cfg(cfg.model)
+                ds = build_dataset(cfg, "train", mcfg)
+                augment = get_source(cfg.data.dataset).device_transform(cfg, mcfg, train_device) \
+                    if where == "device" else None
+                rate, clips = _time_loader(ds, cfg, args.batches, augment)
                 workers = cfg.data.num_workers
                 loaders.append({"source": source, "backend": label, "num_samples": num_samples, "workers": workers,
+                                "augment": "cpu workers" if where == "cpu" else f"device ({train_device.type})",
                                 "clips_timed": clips, "clips_per_s": rate,
                                 "clips_per_s_per_worker": rate / max(workers, 1),
                                 "videos_decoded_per_s": rate / num_samples})
