@@ -69,18 +69,21 @@ def zero_stage(cfg: DictConfig) -> int:
 def resume_accum_steps(saved: dict[str, Any] | None, cfg: DictConfig, world_size: int, where: str = "") -> int:
     """Gradient accumulation for this run. A resume on another number of processes keeps the
     checkpoint's global batch (items per optimizer step), so accumulation adjusts; when the new world
-    cannot reach that batch, or the checkpoint is ZeRO-3's, the error says why."""
+    cannot reach that batch, or the checkpoint is ZeRO-3's with offloading, the error says why."""
     accum = cfg.train.accum_steps
     if saved is None or int(saved.get("world_size", world_size)) == world_size:
         return accum
     old_world, stage = int(saved["world_size"]), int(saved.get("zero_stage", 0))
-    if stage >= 3:
-        # Measured: DeepSpeed's universal form of a ZeRO-3 checkpoint reloads the weights exactly but
-        # not the optimizer state (the first update after the resume differs), so it is refused.
-        raise ValueError(f"checkpoint {where} was written by {old_world} processes under ZeRO-3, whose optimizer "
-                         f"state does not survive DeepSpeed's universal conversion intact; resume it on "
-                         f"{old_world} processes (ZeRO 0-2 checkpoints resume on any number); this run has "
-                         f"{world_size}")
+    zero = cfg.ds.get("zero_optimization") or {}
+    offloaded = [f"ds.zero_optimization.{k}" for k in ("offload_optimizer", "offload_param")
+                 if str((zero.get(k) or {}).get("device") or "none").lower() != "none"]
+    if stage >= 3 and offloaded:
+        # The ZeRO-3 universal load is made exact for optimizer state held in memory (checkpoint.py
+        # repairs it there); DeepSpeed's offload path purges and swaps that state, untested here.
+        raise ValueError(f"checkpoint {where} was written by {old_world} processes under ZeRO-3; a size change with "
+                         f"an offloaded optimizer or parameters is not verified to resume exactly; resume it on "
+                         f"{old_world} processes or without {', '.join(offloaded)}; "
+                         f"this run has {world_size}")
     target, per_step = int(saved["global_batch"]), cfg.data.batch_size * world_size
     if target % per_step:
         raise ValueError(f"checkpoint {where} trains with {target} items per optimizer step; {world_size} processes x "
