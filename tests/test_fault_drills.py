@@ -116,6 +116,8 @@ def test_metrics_report_data_wait_step_time_and_mfu(tmp_path: Path, dist_group: 
     # 4 images x 60 ms per step in the main process: waiting dominates the step (the first window also
     # holds start-up work, the one-off FLOP count among it, so it is not judged).
     assert all(r["data_wait_share"] > 0.5 for r in slow[1:]), [r["data_wait_share"] for r in slow]
-    assert all(s["step_time_s"] > f["step_time_s"] + 0.1 for s, f in zip(slow[1:], fast[1:]))
+    # The wait the run reports covers the injected sleep (4 x 60 ms per step, at least), however
+    # loaded the machine is.
+    assert all(r["data_wait_share"] * r["step_time_s"] >= 0.22 for r in slow[1:]), slow
     warnings = [r for r in caplog.records if "waiting for data" in r.getMessage()]
     assert len(warnings) == 1 and "data.num_workers" in warnings[0].getMessage()
