@@ -39,14 +39,10 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def run_tool(script: str, args: list[str], *, procs: int = 0, timeout: int = 600, check: bool = True,
-             cwd: Path | None = None, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
-    """Run ``tools/<script>`` as a user would: ``procs`` > 0 goes through the ``deepspeed`` launcher
-    (or ``torchrun``)."""
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``tools/<script>`` as a user would: ``procs`` > 0 goes through the ``deepspeed`` launcher."""
     tool = str(ROOT / "tools" / script)
-    if procs and launcher == "torchrun":
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(procs), "--master_port", str(_free_port()), tool,
-               *args]
-    elif procs:
+    if procs:
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(procs), "--master_port", str(_free_port()), tool, *args]
     else:
         cmd = [sys.executable, tool, *args]
