@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 demo: install
 	$(CPU_ENV) $(VENV)/bin/deepspeed --num_gpus $(DEMO_PROCS) tools/train.py --config video_mae_tiny.yaml \
