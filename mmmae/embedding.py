@@ -25,7 +25,7 @@ What a row is, by model and modality (``Embedder`` decides; ``Embedder.describe`
 - other image models (``mae``, ``simmim``, an image ``classifier``): image -> the pooled features as
   above; video -> the mean over frames; text -> refused.
 
-A model with its own ``encode_video`` (a video tower) is used as is for videos. ``normalize=True``
+``normalize=True``
 L2-normalises every row (a video's frame mean included). ``layer=K`` (images, videos): block K's
 output (0-based, negative from the end; no final norm, timm's ``forward_intermediates``) mean-pooled
 over the patch tokens, instead of the table above. ``embed_query`` embeds one caption, image or video
@@ -48,7 +48,7 @@ from torch import nn
 from mmmae.config import model_cfg
 from mmmae.data.registry import input_data
 from mmmae.evaluation import load_for_eval, progress_bar
-from mmmae.heads import pool_tokens
+from mmmae.heads import EncoderModel
 from mmmae.registry import _ensure_registered
 
 log = logging.getLogger(__name__)
@@ -103,23 +103,21 @@ def load_model(cfg: DictConfig, checkpoint: str, device: torch.device, modalitie
     return model, report
 
 
-def _pool_tokens(x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """(B, P+L, D) tokens -> (B, D) mean over the L patch tokens (``pool_tokens``'s ``avg``); (B, D)
-    features pass through."""
-    return pool_tokens(x, num_prefix, "avg") if x.ndim == 3 else x
-
-
 class Embedder:
-    """Maps a model and a modality to the embedding function the module docstring tabulates.
+    """Maps a model and a modality to the embedding function the module docstring tabulates, through
+    the model contract's hooks (``EncoderModel.encode_image`` / ``encode_text``, ``embedding`` /
+    ``text_embedding``).
 
     ``image(x (B, C, H, W))``, ``video(x (B, C, T, H, W))``, ``text(ids (B, S), pad (B, S))`` -> (B, D).
     """
 
-    def __init__(self, model: nn.Module, name: str, layer: int | None = None) -> None:
+    def __init__(self, model: EncoderModel, name: str, layer: int | None = None) -> None:
+        if not isinstance(model, EncoderModel):
+            raise TypeError(f"model {name!r} is a {type(model).__name__}, not an mmmae EncoderModel")
         self.model, self.name, self.layer = model, name, layer
-        self.encoder = getattr(model, "encoder", None)
-        self.num_prefix = int(getattr(self.encoder, "num_prefix_tokens", 0))
-        self.is_video_model = bool(getattr(self.encoder, "is_video", False))
+        self.encoder = model.encoder
+        self.num_prefix = int(self.encoder.num_prefix_tokens)
+        self.is_video_model = bool(self.encoder.is_video)
 
     # -- what is possible
 
@@ -128,54 +126,34 @@ class Embedder:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if self.layer is not None:
             self._check_layer(modality)
-        if modality == "text" and not hasattr(self.model, "encode_text"):
+        if modality == "text" and not self.model.text_embedding:
             raise ValueError(f"model {self.name!r} has no text encoder: --modality text needs an image-text model "
                              f"(retrieval or m3ae)")
-        if modality in ("image", "video") and not (hasattr(self.model, "encode_image")
-                                                  or hasattr(self.model, "encode_video")
-                                                  or hasattr(self.model, "forward_features")
-                                                  or hasattr(self.encoder, "forward_features")):
-            raise ValueError(f"model {self.name!r} has no pixel encoder (no encode_image / forward_features): "
-                             f"it cannot embed {modality}s")
 
     def _check_layer(self, modality: str) -> None:
         if modality == "text":
             raise ValueError(f"--layer {self.layer} takes a block of the pixel encoder; captions are embedded "
                              f"by encode_text only (drop --layer for text)")
-        blocks = getattr(self.encoder, "blocks", None)
-        if blocks is None or not hasattr(self.encoder, "forward_intermediates"):
-            raise ValueError(f"model {self.name!r} has no encoder blocks (forward_intermediates) for --layer {self.layer}")
-        depth = len(blocks)
+        depth = len(self.encoder.blocks)
         if not -depth <= self.layer < depth:  # type: ignore[operator]
             raise ValueError(f"--layer {self.layer} is outside the encoder's {depth} blocks: give 0..{depth - 1} "
                              f"(or -{depth}..-1, counted from the end)")
 
     @property
     def frame_mean(self) -> bool:
-        """Videos are embedded frame by frame and averaged (an image model without a video tower; with
-        ``layer``, any image encoder: a block of the trunk sees frames)."""
-        tower = hasattr(self.model, "encode_video") and self.layer is None
-        return not (self.is_video_model or tower)
+        """Videos are embedded frame by frame and averaged (an image encoder; with ``layer`` too: a
+        block of an image trunk sees frames)."""
+        return not self.is_video_model
 
     def describe(self, modality: str) -> str:
         self.check(modality)
-        m = self.model
         if modality == "text":
-            if self.name == "retrieval":
-                return "retrieval joint-space caption embedding (projected, L2-normalised)"
-            return f"{self.name} pooled encoder feature of the caption alone (encode_text)"
+            return f"{self.name} {self.model.text_embedding}"
         if self.layer is not None:
             base = (f"{self.name} encoder block {self.layer} output (no final norm), mean-pooled over the patch "
                     f"tokens (encoder.forward_intermediates)")
-        elif modality == "video" and hasattr(m, "encode_video"):
-            return f"{self.name} video tower (encode_video)"
-        elif hasattr(m, "encode_image") and not self.is_video_model:
-            base = ("retrieval joint-space image embedding (projected, L2-normalised)" if self.name == "retrieval"
-                    else f"{self.name} pooled encoder feature (encode_image)")
-        elif hasattr(m, "forward_features"):
-            base = f"{self.name} pooled features (model.forward_features)"
         else:
-            base = f"{self.name} encoder patch tokens, mean-pooled (encoder.forward_features)"
+            base = f"{self.name} {self.model.embedding}"
         if modality == "video":
             if self.frame_mean:
                 return f"mean over the centre clip's frames of the {base}"
@@ -190,24 +168,15 @@ class Embedder:
         """Pixels -> (B, D): block ``layer``'s tokens (timm ``forward_intermediates``, no final norm,
         prefix tokens dropped), mean-pooled as VideoMAE's mean pooling (modeling_finetune.py
         ``x.mean(1)``)."""
-        feats = self.encoder.forward_intermediates(x, [self.layer], intermediates_only=True)  # type: ignore[union-attr]
+        feats = self.encoder.forward_intermediates(x, [self.layer], intermediates_only=True)
         return feats[0].mean(dim=1)
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        if self.layer is not None:
-            return self.block_output(x)
-        if hasattr(m, "encode_image") and not self.is_video_model:
-            return m.encode_image(x)
-        if hasattr(m, "forward_features"):
-            return _pool_tokens(m.forward_features(x), self.num_prefix)
-        return _pool_tokens(self.encoder.forward_features(x), self.num_prefix)  # type: ignore[union-attr]
+        """(B, C, H, W) -> (B, D); a video encoder takes the image as a static clip."""
+        return self.block_output(x) if self.layer is not None else self.model.encode_image(x)
 
     def video(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, D)."""
-        m = self.model
-        if hasattr(m, "encode_video") and self.layer is None:
-            return m.encode_video(x)
         if not self.frame_mean:
             return self.image(x)  # a video encoder takes the clip itself
         b, c, t = x.shape[:3]
@@ -215,7 +184,7 @@ class Embedder:
         return self.image(frames).reshape(b, t, -1).mean(dim=1)
 
     def text(self, ids: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-        return self.model.encode_text(ids, pad)  # type: ignore[operator]
+        return self.model.encode_text(ids, pad)
 
 
 # ------------------------------------------------------------------------------------------ inputs

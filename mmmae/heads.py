@@ -53,11 +53,25 @@ class EncoderModel(nn.Module):
     checkpointing is the encoder's. Models override what differs (e.g. a head's own init).
 
     The rest of the contract, with its defaults: ``learned_pos`` (the encoder's position table is a
-    trained parameter, resized from the pretraining grid when weights load) and ``weight_adapter``
-    (a rewrite of an mmmae-named state dict before it loads, e.g. BEVT's head names).
+    trained parameter, resized from the pretraining grid when weights load), ``weight_adapter``
+    (a rewrite of an mmmae-named state dict before it loads, e.g. BEVT's head names), and the
+    embedding hooks that extraction, retrieval and search call: ``encode_image`` (pixels -> one
+    feature row; ``embedding`` says what it is in words) and, for image-text models,
+    ``encode_text`` (``text_embedding`` names it; empty: the model embeds no text).
     """
 
     learned_pos: bool = False
+    embedding: str = "encoder patch tokens, mean-pooled (encoder.forward_features)"
+    text_embedding: str = ""
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, C, H, W), or a clip (B, C, T, H, W) for a video encoder -> (B, D): the feature
+        an embedding row holds (default: the encoder's patch tokens, mean-pooled)."""
+        return pool_tokens(self.encoder.forward_features(x), self.encoder.num_prefix_tokens, "avg")
+
+    def encode_text(self, ids: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, S), padding (B, S) bool -> (B, D); only models with a ``text_embedding``."""
+        raise ValueError(f"{type(self).__name__} has no text encoder")
 
     def init_weights(self) -> None:
         for child in self.children():
@@ -164,6 +178,7 @@ class Classifier(EncoderModel):
 
     # init_from takes a pretraining encoder; fc_norm and the head start fresh (mmmae.weights part="auto").
     init_part = "encoder"
+    embedding = "pooled features (model.forward_features)"
 
     def __init__(self, cfg: ClassifierCfg) -> None:
         super().__init__()
@@ -209,6 +224,9 @@ class Classifier(EncoderModel):
             self.encoder.eval()  # frozen: no drop path, and the encoder's statistics stay put
         feats = self.encoder.forward_features(x)
         return self.fc_norm(pool_tokens(feats, self.encoder.num_prefix_tokens, self.cfg.global_pool))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = batch["video"] if "video" in batch else batch["image"]

@@ -11,8 +11,7 @@ keeps its first ``max_captions_per_image`` captions (5: the usual protocol; a fe
 Which embedding, by ``model.name``:
 
 - ``retrieval``: the fine-tuned joint space (projected, L2-normalised image and caption embeddings);
-- ``m3ae`` (or any model with ``encode_image`` / ``encode_text``): the pooled encoder features of an
-  image alone and a caption alone, L2-normalised here. Zero-shot-ish: M3AE never trained them to align.
+- ``m3ae`` (or any model with a ``text_embedding``): the pooled encoder features of an image alone and a caption alone, L2-normalised here. Zero-shot-ish: M3AE never trained them to align.
 
 Recall (percent) follows ``mmmae.metrics.retrieval_metrics``: image-to-text hits when any of the
 image's captions ranks in the top K; text-to-image when the caption's image does. An image that cannot

@@ -340,7 +340,10 @@ class M3AE(EncoderModel):
             decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,  # type: ignore[arg-type]
             attn_impl=cfg.attn_impl)  # type: ignore[arg-type]
 
-    # -- features for retrieval and probing
+    # -- features for retrieval and probing (the model contract's embedding hooks)
+
+    embedding = "pooled encoder feature (encode_image)"
+    text_embedding = "pooled encoder feature of the caption alone (encode_text)"
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> (B, D): the [cls] token (``global_pool="token"``, M3AE's choice) or

@@ -202,6 +202,9 @@ class RetrievalModel(EncoderModel):
         with self._frozen_ctx():
             return self.encoder.encode_text(ids, pad, self.cfg.global_pool)
 
+    embedding = "joint-space image embedding (projected, L2-normalised)"
+    text_embedding = "joint-space caption embedding (projected, L2-normalised)"
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> L2-normalised joint embeddings (B, P)."""
         return F.normalize(self.image_proj(self.image_features(images)).float(), dim=-1)
