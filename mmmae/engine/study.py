@@ -366,7 +366,8 @@ class Study:
         n = self._count(fraction, self._cache["train_items"])
         model = self._classifier(cfg, pre["weights"] if pre else None, seed)
         t0 = time.perf_counter()
-        batches = _TensorBatches(x[:n], y[:n], ip.finetune_batch, mix_seed(seed, "finetune data"), shift=ip.shift)
+        batches = _TensorBatches({"image": x[:n], "label": y[:n]}, ip.finetune_batch, mix_seed(seed, "finetune data"),
+                                 lambda b, g: {**b, "image": shift_flip(b["image"].float(), g, ip.shift)})
         loss = fit(model, iter(batches), steps=ip.finetune_steps, lr=ip.finetune_lr, precision=self.precision,
                    layer_decay=ip.layer_decay if pre else 1.0)
         test_x, test_y = self._image_test()
@@ -391,7 +392,7 @@ class Study:
             n = self._count(fraction, self._cache["train_items"])
             head.init_weights()
             head.bn.reset_running_stats()
-            data = _FeatureBatches(feats[:n], y[:n], ip.finetune_batch, mix_seed(seed, "probe", fraction))
+            data = _TensorBatches({"feats": feats[:n], "label": y[:n]}, ip.finetune_batch, mix_seed(seed, "probe", fraction))
             loss = fit(_Probe(head), iter(data), steps=ip.probe_steps, lr=ip.probe_lr, precision="fp32",
                        groups=[{"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0}])
             head.eval()
@@ -618,34 +619,24 @@ def shift_flip(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
 
 
 class _TensorBatches:
-    """Shuffled image batches from tensors, epoch after epoch, each sample randomly shifted and flipped
-    (:func:`shift_flip`)."""
+    """Shuffled batches of equal-length tensors (``{key: (N, ...)}``), epoch after epoch; ``augment``
+    rewrites each batch with the generator that draws the order (e.g. :func:`shift_flip`)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, *, shift: int) -> None:
-        self.x, self.y, self.batch, self.shift = x, y, min(batch_size, len(x)), shift
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int,
+                 augment: Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]] | None = None,
+                 ) -> None:
+        self.tensors, self.augment = tensors, augment
+        self.n = len(next(iter(tensors.values())))
+        self.batch = min(batch_size, self.n)
         self.g = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            order = torch.randperm(len(self.x), generator=self.g)
+            order = torch.randperm(self.n, generator=self.g)
             for i in range(0, len(order) - self.batch + 1, self.batch):
                 idx = order[i:i + self.batch]
-                yield {"image": shift_flip(self.x[idx].float(), self.g, self.shift), "label": self.y[idx]}
-
-
-class _FeatureBatches:
-    """Shuffled (features, label) batches, epoch after epoch."""
-
-    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.feats, self.labels, self.batch = feats, labels, min(batch_size, len(feats))
-        self.g = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            order = torch.randperm(len(self.feats), generator=self.g)
-            for i in range(0, len(order) - self.batch + 1, self.batch):
-                idx = order[i:i + self.batch]
-                yield {"feats": self.feats[idx], "label": self.labels[idx]}
+                batch = {k: v[idx] for k, v in self.tensors.items()}
+                yield self.augment(batch, self.g) if self.augment is not None else batch
 
 
 # --- Summaries ----------------------------------------------------------------------------------------
